@@ -1,0 +1,202 @@
+# -*- test-case-name: tests.test_address -*-
+"""
+Addresses a flow deals in: host/port pairs, next hops, and where a
+destination came from.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from enum import Enum
+
+from attrs import field, frozen
+
+from miniproxy.errors import ConfigError
+
+
+class DestinationSource(Enum):
+    """
+    Where a flow's final destination came from.
+
+    @cvar STATIC: The operator configured it (C{--to}, or a listener's
+        C{to}).  Trusted.
+    @cvar TRANSPARENT: The original destination of an intercepted flow
+        (TPROXY or a NAT redirect).  Needs a policy decision.
+    @cvar EXPLICIT: Carried by the flow itself (a PROXY header, a TCP
+        option).  Needs a policy decision.
+    @cvar NONE: Not known yet.
+    """
+
+    STATIC = "static"
+    TRANSPARENT = "transparent"
+    EXPLICIT = "explicit"
+    NONE = "none"
+
+
+@frozen
+class HostPort:
+    """
+    A host (an IP address literal or a name) and a TCP port.
+
+    @ivar host: The host.
+    @ivar port: The port, 0 to 65535.
+    """
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        if ":" in self.host:
+            return f"[{self.host}]:{self.port}"
+        return f"{self.host}:{self.port}"
+
+    @classmethod
+    def fromAddress(cls, address: object) -> HostPort:
+        """
+        Convert a Twisted L{twisted.internet.address.IPv4Address} or
+        L{twisted.internet.address.IPv6Address}.
+        """
+        return cls(address.host, address.port)  # type: ignore[attr-defined]
+
+    def ipAddress(self) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+        """
+        The host as an L{ipaddress} object, or L{None} if it is a name.
+        """
+        try:
+            return ipaddress.ip_address(self.host.split("%", 1)[0])
+        except ValueError:
+            return None
+
+
+def _port(value: object, what: str) -> int:
+    try:
+        port = int(value)  # type: ignore[call-overload]
+    except (TypeError, ValueError):
+        raise ConfigError(f"{what}: port must be an integer, not {value!r}")
+    if not 0 < port < 65536:
+        raise ConfigError(f"{what}: port must be 1 to 65535, not {port}")
+    return port
+
+
+def _splitDescription(description: str) -> tuple[str, list[str], dict[str, str]]:
+    # Twisted endpoint syntax: "kind:pos1:pos2:key=value"; backslash escapes.
+    parts: list[str] = []
+    current: list[str] = []
+    escaped = False
+    for ch in description:
+        if escaped:
+            current.append(ch)
+            escaped = False
+        elif ch == "\\":
+            escaped = True
+        elif ch == ":":
+            parts.append("".join(current))
+            current = []
+        else:
+            current.append(ch)
+    parts.append("".join(current))
+    kind = parts[0]
+    args: list[str] = []
+    kwargs: dict[str, str] = {}
+    for part in parts[1:]:
+        if "=" in part:
+            key, value = part.split("=", 1)
+            kwargs[key] = value
+        else:
+            args.append(part)
+    return kind, args, kwargs
+
+
+@frozen
+class NextHop:
+    """
+    What an outgoing leg connects to.
+
+    @ivar address: The host and port to connect to.
+    @ivar tls: Whether to speak TLS on the outgoing leg.  The server's
+        certificate is verified against C{tlsHostname} with service-identity.
+    @ivar tlsHostname: The name to verify (and send as SNI); defaults to the
+        host.
+    @ivar caCertificates: A path to a PEM file of trusted CA certificates, or
+        L{None} for the platform's trust store.
+    @ivar bindAddress: A local address to bind the outgoing socket to, or
+        L{None}.
+    """
+
+    address: HostPort
+    tls: bool = False
+    tlsHostname: str | None = None
+    caCertificates: str | None = None
+    bindAddress: str | None = field(default=None)
+
+    def __str__(self) -> str:
+        return ("tls:" if self.tls else "tcp:") + str(self.address)
+
+    @classmethod
+    def fromString(cls, description: str) -> NextHop:
+        """
+        Parse a client endpoint description, in Twisted's syntax.
+
+        Accepted forms::
+
+            tcp:host=HOST:port=PORT[:bindAddress=ADDR]
+            tcp:HOST:PORT
+            tls:host=HOST:port=PORT[:hostname=NAME][:trustRoots=PEMFILE]
+            tls:HOST:PORT
+
+        An IPv6 literal is written with its colons escaped (C{tcp:host=\\:\\:1
+        :port=80}) or in brackets (C{tcp:host=[::1]:port=80}).
+
+        @raise ConfigError: If the description is not one of these.
+        """
+        if not isinstance(description, str) or not description:
+            raise ConfigError(f"bad next hop {description!r}: empty")
+        bracketed = description.replace("[", "\x00").replace("]", "\x01")
+        # Allow "[::1]" by escaping the colons inside brackets.
+        out = []
+        inside = False
+        for ch in bracketed:
+            if ch == "\x00":
+                inside = True
+            elif ch == "\x01":
+                inside = False
+            elif ch == ":" and inside:
+                out.append("\\:")
+            else:
+                out.append(ch)
+        kind, args, kwargs = _splitDescription("".join(out))
+        where = f"bad next hop {description!r}"
+        if kind not in ("tcp", "tls"):
+            raise ConfigError(f"{where}: kind must be tcp or tls, not {kind!r}")
+        known = {"host", "port", "bindAddress", "timeout"}
+        if kind == "tls":
+            known |= {"hostname", "trustRoots"}
+        unknown = set(kwargs) - known
+        if unknown:
+            raise ConfigError(f"{where}: unknown parameter {sorted(unknown)[0]!r}")
+        if len(args) > 2:
+            raise ConfigError(f"{where}: too many positional parts")
+        if args:
+            kwargs.setdefault("host", args[0])
+        if len(args) > 1:
+            kwargs.setdefault("port", args[1])
+        host = kwargs.get("host")
+        if not host:
+            raise ConfigError(f"{where}: no host")
+        if "port" not in kwargs:
+            raise ConfigError(f"{where}: no port")
+        port = _port(kwargs["port"], where)
+        return cls(
+            HostPort(host, port),
+            tls=(kind == "tls"),
+            tlsHostname=kwargs.get("hostname"),
+            caCertificates=kwargs.get("trustRoots"),
+            bindAddress=kwargs.get("bindAddress"),
+        )
+
+    @classmethod
+    def direct(cls, destination: HostPort) -> NextHop:
+        """
+        Connect straight to C{destination} over plain TCP.
+        """
+        return cls(destination)

@@ -1,0 +1,253 @@
+# -*- test-case-name: tests.test_config -*-
+"""
+The service's configuration: a TOML file, the command line, and the
+validated objects both turn into.
+
+Every bad value raises L{ConfigError} with a message that names the key
+and, for a file, the file.  See C{docs/configuration.md} for the reference.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from typing import Any, Mapping
+
+from attrs import evolve, field, frozen
+
+from miniproxy.address import NextHop
+from miniproxy.errors import ConfigError
+from miniproxy.flow import ConnectMode
+from miniproxy.limits import Limits
+from miniproxy.listener import ListenerSettings
+
+#: The listener used when none is configured: loopback only.
+DEFAULT_LISTEN = "tcp:8080:interface=127.0.0.1"
+
+#: Endpoint kinds whose flows are intercepted (transparent).
+TRANSPARENT_KINDS = ("tproxy",)
+
+_LIMIT_KEYS: dict[str, tuple[str, type]] = {
+    "max-buffer": ("maxBuffer", int),
+    "connect-timeout": ("connectTimeout", float),
+    "idle-timeout": ("idleTimeout", float),
+    "max-flows": ("maxFlows", int),
+    "max-flows-per-source": ("maxFlowsPerSource", int),
+    "listen-backlog": ("listenBacklog", int),
+}
+
+_TOP_KEYS = {"listen", "to", "mode", "functions", "limits", "listeners", "function"}
+_LISTENER_KEYS = {"endpoint", "to", "mode", "transparent"}
+
+
+@frozen
+class ServiceConfig:
+    """
+    Everything a miniproxy service runs with.
+
+    @ivar listeners: The listeners.
+    @ivar functions: The enabled functions, in order, with their settings.
+    @ivar limits: The bounds.
+    """
+
+    listeners: tuple[ListenerSettings, ...]
+    functions: tuple[tuple[str, Mapping[str, Any]], ...] = ()
+    limits: Limits = field(factory=Limits)
+
+
+def parseMode(value: object, key: str = "mode") -> ConnectMode:
+    """
+    Parse a connect mode name.
+    """
+    try:
+        return ConnectMode(value)
+    except ValueError:
+        names = ", ".join(m.value for m in ConnectMode)
+        raise ConfigError(f"{key}: must be one of {names}, not {value!r}") from None
+
+
+def parseNextHop(value: object, key: str = "to") -> NextHop:
+    """
+    Parse a next hop given as an endpoint string.
+    """
+    if not isinstance(value, str):
+        raise ConfigError(f"{key}: must be an endpoint string, not {value!r}")
+    try:
+        return NextHop.fromString(value)
+    except ConfigError as e:
+        raise ConfigError(f"{key}: {e}") from None
+
+
+def parseLimits(table: object, key: str = "limits", base: Limits | None = None) -> Limits:
+    """
+    Parse the C{[limits]} table over C{base}.
+    """
+    if not isinstance(table, dict):
+        raise ConfigError(f"{key}: must be a table, not {table!r}")
+    changes: dict[str, Any] = {}
+    for name, value in table.items():
+        if name not in _LIMIT_KEYS:
+            known = ", ".join(sorted(_LIMIT_KEYS))
+            raise ConfigError(f"{key}.{name}: unknown limit (known: {known})")
+        attr, kind = _LIMIT_KEYS[name]
+        changes[attr] = parseNumber(value, f"{key}.{name}", kind)
+    return evolve(base or Limits(), **changes)
+
+
+def parseNumber(value: object, key: str, kind: type) -> Any:
+    """
+    Parse a non-negative number (C{int} or C{float}), also from a string.
+    """
+    if isinstance(value, bool):
+        raise ConfigError(f"{key}: must be a number, not {value!r}")
+    try:
+        number = kind(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key}: must be a number, not {value!r}") from None
+    if kind is int and isinstance(value, float) and value != int(value):
+        raise ConfigError(f"{key}: must be a whole number, not {value!r}")
+    if number < 0:
+        raise ConfigError(f"{key}: must not be negative, not {value!r}")
+    if key.endswith("max-buffer") and number < 4096:
+        raise ConfigError(f"{key}: must be at least 4096 bytes, not {value!r}")
+    return number
+
+
+def isTransparentEndpoint(description: str) -> bool:
+    """
+    Whether an endpoint description is of a transparent (intercepting) kind.
+    """
+    return description.split(":", 1)[0] in TRANSPARENT_KINDS
+
+
+def _functionNames(value: object, key: str) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"{key}: must be a list of function names, not {value!r}")
+    if len(set(value)) != len(value):
+        raise ConfigError(f"{key}: a function is listed twice: {value!r}")
+    return tuple(value)
+
+
+def buildConfig(
+    document: Mapping[str, Any],
+    listen: list[str] | None = None,
+    to: str | None = None,
+    mode: str | None = None,
+    functions: list[str] | None = None,
+    limits: Mapping[str, Any] | None = None,
+) -> ServiceConfig:
+    """
+    Validate a parsed config document, with command-line values on top.
+
+    Command-line values override the file's top-level values; C{--listen}
+    replaces the file's listeners; C{--function} adds to the file's
+    functions.
+
+    @raise ConfigError: Naming the bad key (without the file; see
+        L{loadConfig}).
+    """
+    unknown = set(document) - _TOP_KEYS
+    if unknown:
+        raise ConfigError(
+            f"{sorted(unknown)[0]}: unknown key (known: {', '.join(sorted(_TOP_KEYS))})"
+        )
+    defaultMode = parseMode(mode if mode is not None else document.get("mode", "early"),
+                            "mode")
+    toValue = to if to is not None else document.get("to")
+    defaultTo = parseNextHop(toValue, "to") if toValue is not None else None
+
+    limitsValue = parseLimits(document.get("limits", {}))
+    if limits:
+        limitsValue = parseLimits(dict(limits), "limits", limitsValue)
+
+    names = list(_functionNames(document.get("functions", []), "functions"))
+    for name in functions or []:
+        if name not in names:
+            names.append(name)
+    settingsTable = document.get("function", {})
+    if not isinstance(settingsTable, dict):
+        raise ConfigError(f"function: must be a table of tables, not {settingsTable!r}")
+    for name, table in settingsTable.items():
+        if not isinstance(table, dict):
+            raise ConfigError(f"function.{name}: must be a table, not {table!r}")
+        if name not in names:
+            raise ConfigError(
+                f"function.{name}: settings for a function that is not enabled "
+                f"(add it to 'functions')"
+            )
+    enabled = tuple((name, settingsTable.get(name, {})) for name in names)
+
+    listeners: list[ListenerSettings] = []
+    if listen:
+        for i, description in enumerate(listen):
+            listeners.append(
+                _listener({"endpoint": description}, f"listen[{i}]", defaultMode, defaultTo)
+            )
+    else:
+        tables = document.get("listeners")
+        plain = document.get("listen")
+        if tables is not None and plain is not None:
+            raise ConfigError("listen: give either 'listen' or [[listeners]], not both")
+        if plain is not None:
+            if isinstance(plain, str):
+                plain = [plain]
+            if not isinstance(plain, list):
+                raise ConfigError(f"listen: must be a list of endpoint strings, not {plain!r}")
+            tables = [{"endpoint": p} for p in plain]
+            prefix = "listen"
+        else:
+            prefix = "listeners"
+        if tables is None:
+            tables = [{"endpoint": DEFAULT_LISTEN}]
+        if not isinstance(tables, list) or not tables:
+            raise ConfigError(f"{prefix}: must be a non-empty list")
+        for i, table in enumerate(tables):
+            listeners.append(_listener(table, f"{prefix}[{i}]", defaultMode, defaultTo))
+    return ServiceConfig(
+        listeners=tuple(listeners), functions=enabled, limits=limitsValue
+    )
+
+
+def _listener(
+    table: object, key: str, defaultMode: ConnectMode, defaultTo: NextHop | None
+) -> ListenerSettings:
+    if not isinstance(table, dict):
+        raise ConfigError(f"{key}: must be a table, not {table!r}")
+    unknown = set(table) - _LISTENER_KEYS
+    if unknown:
+        raise ConfigError(f"{key}.{sorted(unknown)[0]}: unknown key")
+    endpoint = table.get("endpoint")
+    if not isinstance(endpoint, str) or not endpoint:
+        raise ConfigError(f"{key}.endpoint: must be an endpoint string, not {endpoint!r}")
+    mode = parseMode(table["mode"], f"{key}.mode") if "mode" in table else defaultMode
+    to = parseNextHop(table["to"], f"{key}.to") if "to" in table else defaultTo
+    transparent = table.get("transparent", isTransparentEndpoint(endpoint))
+    if not isinstance(transparent, bool):
+        raise ConfigError(f"{key}.transparent: must be true or false, not {transparent!r}")
+    if transparent and "to" in table:
+        raise ConfigError(
+            f"{key}.to: a transparent listener relays to each flow's original "
+            f"destination; it takes no 'to'"
+        )
+    if transparent:
+        to = None
+    return ListenerSettings(endpoint=endpoint, mode=mode, to=to, transparent=transparent)
+
+
+def loadConfig(path: str, **overrides: Any) -> ServiceConfig:
+    """
+    Read and validate a TOML config file, with command-line C{overrides}
+    (see L{buildConfig}).
+
+    @raise ConfigError: With the file's name and the bad key.
+    """
+    try:
+        with open(path, "rb") as f:
+            document = tomllib.load(f)
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    try:
+        return buildConfig(document, **overrides)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None

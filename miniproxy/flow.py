@@ -1,0 +1,651 @@
+# -*- test-case-name: tests.test_flow -*-
+"""
+The flow: one proxied connection, a pair of legs, and everything the proxy
+functions see of it.
+
+The L{Flow} drives the relay between its two legs: it runs the hooks of its
+functions, holds early bytes until the outgoing leg is connected, moves
+bytes in both directions with backpressure, turns a FIN on one leg into a
+FIN on the other, and an abort on one leg into a reset on the other.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+from enum import Enum
+from typing import TYPE_CHECKING, Any
+
+from twisted.internet import error
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from miniproxy.address import DestinationSource, HostPort, NextHop
+from miniproxy.chain import HandlerChain, HookFailed
+from miniproxy.interfaces import IFlow
+from miniproxy.verdict import CONTINUE
+
+if TYPE_CHECKING:
+    from miniproxy.legs import Leg
+    from miniproxy.listener import ListenerContext
+
+_log = Logger(namespace="miniproxy.flow")
+
+
+class ConnectMode(Enum):
+    """
+    When a listener starts a flow's outgoing leg.
+
+    @cvar EARLY: At the early-SYN hook: at the client's SYN when a SYN tap
+        runs, otherwise at accept (the earliest moment the proxy sees).
+    @cvar ACCEPT: When the kernel hands over the accepted connection.
+    @cvar FIRST_DATA: When the first byte is to be sent upstream, which is
+        what a function that must read the request (a cache, a sniffer)
+        needs.
+    """
+
+    EARLY = "early"
+    ACCEPT = "accept"
+    FIRST_DATA = "first-data"
+
+
+class Moment(Enum):
+    """
+    The moment that started an outgoing leg.
+    """
+
+    SYN = "syn"
+    ACCEPT = "accept"
+    FIRST_DATA = "first-data"
+
+
+class Outcome(Enum):
+    """
+    How a flow ended.
+
+    @cvar OK: Both directions finished with a FIN.
+    @cvar REFUSED: A limit or a function refused the flow.
+    @cvar CONNECT_FAILED: The outgoing leg could not connect.
+    @cvar CONNECT_TIMEOUT: The outgoing leg did not connect in time.
+    @cvar RESET: One leg was reset or failed; the other was reset too.
+    @cvar IDLE_TIMEOUT: No byte passed for the idle timeout.
+    @cvar ABORTED: A function aborted the flow, or a function failed.
+    """
+
+    OK = "ok"
+    REFUSED = "refused"
+    CONNECT_FAILED = "connect-failed"
+    CONNECT_TIMEOUT = "connect-timeout"
+    RESET = "reset"
+    IDLE_TIMEOUT = "idle-timeout"
+    ABORTED = "aborted"
+
+
+class FlowTimes:
+    """
+    The timestamps of a flow, in seconds of the reactor's clock; L{None}
+    until the moment happens.
+    """
+
+    __slots__ = (
+        "synSeen",
+        "accepted",
+        "outgoingStarted",
+        "outgoingConnected",
+        "firstByteFromClient",
+        "firstByteFromServer",
+        "clientHalfClosed",
+        "serverHalfClosed",
+        "closed",
+    )
+
+    synSeen: float | None
+    accepted: float | None
+    outgoingStarted: float | None
+    outgoingConnected: float | None
+    firstByteFromClient: float | None
+    firstByteFromServer: float | None
+    clientHalfClosed: float | None
+    serverHalfClosed: float | None
+    closed: float | None
+
+    def __init__(self) -> None:
+        for name in self.__slots__:
+            setattr(self, name, None)
+
+    def asDict(self) -> dict[str, float | None]:
+        """
+        The timestamps by name.
+        """
+        return {name: getattr(self, name) for name in self.__slots__}
+
+
+# Why a leg's reading is paused: a bit each.
+PAUSED_BY_PEER = 1  # the other leg's transport buffer is full
+PAUSED_EARLY = 2  # the bytes held before the outgoing leg connects are full
+
+
+def describeFailure(reason: Failure) -> str:
+    """
+    A short human-readable description of a connection failure.
+    """
+    value = reason.value
+    if isinstance(value, error.ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(value, error.TimeoutError):
+        return "connect timed out"
+    if isinstance(value, error.DNSLookupError):
+        return f"DNS lookup failed: {value}"
+    if isinstance(value, error.ConnectionLost):
+        return "connection reset"
+    if isinstance(value, error.ConnectionAborted):
+        return "connection aborted"
+    text = str(value).strip() or type(value).__name__
+    return text
+
+
+def _reset(transport: Any) -> None:
+    # Abort with SO_LINGER 0 so the kernel sends a RST, as the other leg got.
+    handle = getattr(transport, "getHandle", None)
+    if handle is not None:
+        try:
+            handle().setsockopt(
+                socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
+            )
+        except (OSError, AttributeError):
+            pass
+    transport.abortConnection()
+
+
+@implementer(IFlow)
+class Flow:
+    """
+    One proxied connection.  See L{IFlow} for the public part.
+    """
+
+    __slots__ = (
+        "client",
+        "local",
+        "destination",
+        "destinationSource",
+        "nextHop",
+        "chain",
+        "mode",
+        "startedBy",
+        "times",
+        "bytesFromClient",
+        "bytesFromServer",
+        "outcome",
+        "reason",
+        "allowed",
+        "_context",
+        "_chain",
+        "_accepted",
+        "_outgoing",
+        "_connecting",
+        "_toServer",
+        "_toServerSize",
+        "_finToServer",
+        "_toClient",
+        "_finToClient",
+        "_idleCall",
+        "_lastActivity",
+        "_finished",
+    )
+
+    def __init__(
+        self,
+        context: ListenerContext,
+        client: HostPort,
+        local: HostPort,
+    ) -> None:
+        self._context = context
+        self.client = client
+        self.local = local
+        self.mode = context.mode
+        self.chain: tuple[NextHop, ...] = ()
+        self.startedBy: Moment | None = None
+        self.times = FlowTimes()
+        self.bytesFromClient = 0
+        self.bytesFromServer = 0
+        self.outcome: Outcome | None = None
+        self.reason: str | None = None
+        self.allowed = False
+        self._chain = HandlerChain(())
+        self._accepted: Leg | None = None
+        self._outgoing: Leg | None = None
+        self._connecting: Any = None
+        self._toServer: list[bytes] = []
+        self._toServerSize = 0
+        self._finToServer = False
+        self._toClient: list[bytes] = []
+        self._finToClient = False
+        self._idleCall: Any = None
+        self._lastActivity = 0.0
+        self._finished = False
+        if context.staticNextHop is not None:
+            self.nextHop: NextHop | None = context.staticNextHop
+            self.destination: HostPort | None = context.staticNextHop.address
+            self.destinationSource = DestinationSource.STATIC
+        elif context.transparent:
+            self.nextHop = None
+            self.destination = local
+            self.destinationSource = DestinationSource.TRANSPARENT
+        else:
+            self.nextHop = None
+            self.destination = None
+            self.destinationSource = DestinationSource.NONE
+
+    def __repr__(self) -> str:
+        return (
+            f"<Flow {self.client} -> {self.local} dest={self.destination} "
+            f"via={self.nextHop} outcome={self.outcome}>"
+        )
+
+    @property
+    def reactor(self) -> IReactorTime:
+        """
+        The reactor the flow runs on.
+        """
+        return self._context.reactor
+
+    def _now(self) -> float:
+        return self._context.reactor.seconds()
+
+    # -- the life of a flow, driven by the legs --------------------------
+
+    def begin(self, moment: Moment) -> None:
+        """
+        The proxy has learnt of the flow (at its SYN, or at accept): make
+        the handlers and run the early-SYN hooks.  In C{early} mode, start
+        the outgoing leg.
+        """
+        context = self._context
+        if moment is Moment.SYN:
+            self.times.synSeen = self._now()
+        handlers = []
+        for name, factory in context.functions:
+            handler = factory.handlerForFlow(self)
+            if handler is not None:
+                handlers.append((name, handler))
+        self._chain = HandlerChain(handlers)
+        context.table.add(self)
+        if context.limits.idleTimeout:
+            self._lastActivity = self._now()
+            self._idleCall = context.reactor.callLater(
+                context.limits.idleTimeout, self._checkIdle
+            )
+        if not self._runHook("earlySyn"):
+            return
+        if self.mode is ConnectMode.EARLY and self.outcome is None:
+            self._startOutgoing(moment)
+
+    def acceptedLegMade(self, leg: Leg) -> None:
+        """
+        The kernel handed over the accepted leg.
+        """
+        self._accepted = leg
+        self.times.accepted = self._now()
+        leg.setBufferBound(self._context.limits.readSize)
+        for tuner in self._context.tuners:
+            tuner.tuneAccepted(leg.transport)
+        if self.outcome is not None:
+            # Refused or failed before the accept.
+            self._closeAccepted()
+            return
+        for data in self._toClient:
+            leg.transport.write(data)
+        self._toClient = []
+        if not self._runHook("accepted"):
+            return
+        if self.outcome is None and self._finToClient:
+            self._shutdownWrite(leg)
+        if self.mode is ConnectMode.ACCEPT and self.startedBy is None:
+            self._startOutgoing(Moment.ACCEPT)
+
+    def outgoingLegMade(self, leg: Leg) -> None:
+        """
+        The outgoing leg connected.
+        """
+        self._connecting = None
+        if self.outcome is not None:
+            # The flow ended while this leg was connecting.
+            _reset(leg.transport)
+            self._maybeFinish()
+            return
+        self._outgoing = leg
+        self.times.outgoingConnected = self._now()
+        leg.setBufferBound(self._context.limits.readSize)
+        for tuner in self._context.tuners:
+            tuner.tuneOutgoing(leg.transport)
+        accepted = self._accepted
+        if accepted is not None:
+            accepted.transport.registerProducer(leg, True)
+            leg.transport.registerProducer(accepted, True)
+        if not self._runHook("outgoingConnected"):
+            return
+        pending, self._toServer, self._toServerSize = self._toServer, [], 0
+        for data in pending:
+            leg.transport.write(data)
+        if accepted is not None:
+            accepted.resumeReading(PAUSED_EARLY)
+        if self._finToServer:
+            self._shutdownWrite(leg)
+
+    def _startOutgoing(self, moment: Moment) -> None:
+        if self.startedBy is not None or self.outcome is not None:
+            return
+        if self.destinationSource is not DestinationSource.STATIC and (
+            self.destination is not None or self.nextHop is not None
+        ):
+            if not self.allowed:
+                self.refuse(
+                    f"{self.destinationSource.value} destination "
+                    f"{self.destination} not allowed by policy"
+                )
+                return
+        nextHop = self.nextHop
+        if nextHop is None and self.destination is not None:
+            nextHop = self.nextHop = NextHop.direct(self.destination)
+        if nextHop is None:
+            self.refuse("no destination: configure 'to' or a policy next hop")
+            return
+        self.startedBy = moment
+        self.times.outgoingStarted = self._now()
+        from miniproxy.legs import OutgoingLegFactory
+
+        d = self._context.dialer.connect(nextHop, OutgoingLegFactory(self))
+        self._connecting = d
+        d.addErrback(self._connectFailed)
+
+    def _connectFailed(self, reason: Failure) -> None:
+        self._connecting = None
+        if self.outcome is not None:
+            self._maybeFinish()
+            return
+        if reason.check(error.TimeoutError):
+            outcome = Outcome.CONNECT_TIMEOUT
+            text = "connect timed out"
+        else:
+            outcome = Outcome.CONNECT_FAILED
+            text = describeFailure(reason)
+        self._setOutcome(outcome, f"{self.nextHop}: {text}")
+        try:
+            self._chain.run("outgoingFailed", self, text)
+        except HookFailed as e:
+            _log.failure("{message}", Failure(e), message=str(e))
+        self._closeAccepted()
+        self._maybeFinish()
+
+    # -- bytes --------------------------------------------------------------
+
+    def dataFromClientLeg(self, data: bytes) -> None:
+        """
+        Bytes arrived on the accepted leg.
+        """
+        if self.outcome is not None:
+            return
+        if not self.bytesFromClient:
+            self.times.firstByteFromClient = self._now()
+        self.bytesFromClient += len(data)
+        self._lastActivity = self._context.reactor.seconds()
+        if self._chain.wantsData:
+            try:
+                out = self._chain.runData("dataFromClient", self, data)
+            except HookFailed as e:
+                self._hookFailed(e)
+                return
+            if out is None:
+                return
+            data = out
+        self.writeToServer(data)
+
+    def dataFromServerLeg(self, data: bytes) -> None:
+        """
+        Bytes arrived on the outgoing leg.
+        """
+        if self.outcome is not None:
+            return
+        if not self.bytesFromServer:
+            self.times.firstByteFromServer = self._now()
+        self.bytesFromServer += len(data)
+        self._lastActivity = self._context.reactor.seconds()
+        if self._chain.wantsData:
+            try:
+                out = self._chain.runData("dataFromServer", self, data)
+            except HookFailed as e:
+                self._hookFailed(e)
+                return
+            if out is None:
+                return
+            data = out
+        self.writeToClient(data)
+
+    def writeToServer(self, data: bytes) -> None:
+        """
+        See L{IFlow.writeToServer}.
+        """
+        if not data or self.outcome is not None:
+            return
+        outgoing = self._outgoing
+        if outgoing is not None:
+            if outgoing.disconnected:
+                # Nowhere to deliver them: tell the client, as the kernel
+                # would, with a reset.
+                self._setOutcome(
+                    Outcome.RESET, "server closed; client bytes undeliverable"
+                )
+                self._resetAll()
+                return
+            outgoing.transport.write(data)
+            return
+        self._toServer.append(data)
+        self._toServerSize += len(data)
+        if (
+            self._toServerSize >= self._context.limits.readSize
+            and self._accepted is not None
+        ):
+            self._accepted.pauseReading(PAUSED_EARLY)
+        if self.startedBy is None and self.mode is ConnectMode.FIRST_DATA:
+            self._startOutgoing(Moment.FIRST_DATA)
+
+    def writeToClient(self, data: bytes) -> None:
+        """
+        See L{IFlow.writeToClient}.
+        """
+        if not data or self.outcome is not None:
+            return
+        accepted = self._accepted
+        if accepted is not None:
+            accepted.transport.write(data)
+        else:
+            self._toClient.append(data)
+
+    # -- half-close -----------------------------------------------------
+
+    def clientLegEnded(self) -> None:
+        """
+        The client sent a FIN.
+        """
+        self.times.clientHalfClosed = self._now()
+        if self.outcome is not None:
+            return
+        if not self._runHook("clientHalfClosed"):
+            return
+        self.halfCloseToServer()
+
+    def serverLegEnded(self) -> None:
+        """
+        The server sent a FIN.
+        """
+        self.times.serverHalfClosed = self._now()
+        if self.outcome is not None:
+            return
+        if not self._runHook("serverHalfClosed"):
+            return
+        self.halfCloseToClient()
+
+    def halfCloseToServer(self) -> None:
+        """
+        See L{IFlow.halfCloseToServer}.
+        """
+        if self._finToServer:
+            return
+        self._finToServer = True
+        if self._outgoing is not None:
+            self._shutdownWrite(self._outgoing)
+        elif self.startedBy is None and self.outcome is None:
+            # In first-data mode a client that sends nothing but a FIN still
+            # reaches the server: it may speak first.
+            self._startOutgoing(Moment.FIRST_DATA)
+
+    def halfCloseToClient(self) -> None:
+        """
+        See L{IFlow.halfCloseToClient}.
+        """
+        if self._finToClient:
+            return
+        self._finToClient = True
+        if self._accepted is not None:
+            self._shutdownWrite(self._accepted)
+
+    def _shutdownWrite(self, leg: Leg) -> None:
+        leg.shutdownWrite()
+
+    # -- ending ---------------------------------------------------------
+
+    def allow(self) -> None:
+        """
+        See L{IFlow.allow}.
+        """
+        self.allowed = True
+
+    def refuse(self, reason: str) -> None:
+        """
+        See L{IFlow.refuse}.
+        """
+        if self.outcome is not None:
+            return
+        self._setOutcome(Outcome.REFUSED, reason)
+        self._cancelConnecting()
+        if self._outgoing is not None:
+            _reset(self._outgoing.transport)
+        self._closeAccepted()
+        self._maybeFinish()
+
+    def close(self) -> None:
+        """
+        See L{IFlow.close}.
+        """
+        self._cancelConnecting()
+        for leg in (self._accepted, self._outgoing):
+            if leg is not None:
+                leg.transport.loseConnection()
+        self._maybeFinish()
+
+    def abort(self, reason: str) -> None:
+        """
+        See L{IFlow.abort}.
+        """
+        self._setOutcome(Outcome.ABORTED, reason)
+        self._resetAll()
+
+    def _resetAll(self) -> None:
+        self._cancelConnecting()
+        for leg in (self._accepted, self._outgoing):
+            if leg is not None and not leg.disconnected:
+                _reset(leg.transport)
+        self._maybeFinish()
+
+    def _cancelConnecting(self) -> None:
+        d, self._connecting = self._connecting, None
+        if d is not None:
+            d.cancel()
+
+    def _closeAccepted(self) -> None:
+        if self._accepted is not None and not self._accepted.disconnected:
+            self._accepted.transport.loseConnection()
+
+    def _setOutcome(self, outcome: Outcome, reason: str | None) -> None:
+        if self.outcome is None:
+            self.outcome = outcome
+            self.reason = reason
+
+    def _hookFailed(self, e: HookFailed) -> None:
+        _log.failure("{message}", Failure(e), message=str(e))
+        self.abort(str(e))
+
+    def _runHook(self, hook: str) -> bool:
+        """
+        Run a lifecycle hook.
+
+        @return: Whether the proxy goes on with its default action: L{False}
+            if a handler said C{STOP}, failed, or ended the flow.
+        """
+        try:
+            verdict = self._chain.run(hook, self)
+        except HookFailed as e:
+            self._hookFailed(e)
+            return False
+        return verdict is CONTINUE and self.outcome is None
+
+    def _checkIdle(self) -> None:
+        self._idleCall = None
+        if self._finished:
+            return
+        idle = self._context.limits.idleTimeout
+        elapsed = self._now() - self._lastActivity
+        if elapsed >= idle:
+            self._setOutcome(Outcome.IDLE_TIMEOUT, f"no traffic for {idle:g}s")
+            self._resetAll()
+        else:
+            self._idleCall = self._context.reactor.callLater(
+                idle - elapsed, self._checkIdle
+            )
+
+    def legLost(self, leg: Leg, reason: Failure) -> None:
+        """
+        A leg's connection is closed.
+        """
+        if leg is not self._accepted and leg is not self._outgoing:
+            return
+        if not reason.check(error.ConnectionDone):
+            # A reset or an error on one leg resets the other.
+            side = "client" if leg is self._accepted else "server"
+            self._setOutcome(Outcome.RESET, f"{side}: {describeFailure(reason)}")
+            self._resetAll()
+            return
+        if not leg.readClosed and self.outcome is None:
+            # Closed without a half-close first (TLS has none): the peer's
+            # direction ended, so end it on the other leg too.
+            leg.readClosed = True
+            if leg is self._accepted:
+                self.clientLegEnded()
+            else:
+                self.serverLegEnded()
+        self._maybeFinish()
+
+    def _maybeFinish(self) -> None:
+        if self._finished:
+            return
+        for leg in (self._accepted, self._outgoing):
+            if leg is not None and not leg.disconnected:
+                return
+        if self._connecting is not None:
+            return
+        if self._accepted is None and self.outcome is None:
+            # Not accepted yet (SYN seen): the flow lives on.
+            return
+        self._finished = True
+        self._setOutcome(Outcome.OK, None)
+        self.times.closed = self._now()
+        if self._idleCall is not None and self._idleCall.active():
+            self._idleCall.cancel()
+        self._idleCall = None
+        self._toServer = []
+        self._toClient = []
+        self._context.table.remove(self)
+        self._chain.runClosed(self)
+        self._context.flowClosed(self)

@@ -1,0 +1,250 @@
+# -*- test-case-name: tests.test_legs -*-
+"""
+The two legs of a flow, as Twisted protocols, and their factories.
+
+The accepted leg faces the client (or the previous proxy); the outgoing leg
+faces the server (or the next proxy).  Each leg is the push producer that
+its peer's transport pauses when it has too much to write, and each is
+half-closeable: a FIN read on one leg becomes a FIN written on the other.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from twisted.internet.interfaces import (
+    IHalfCloseableProtocol,
+    IPushProducer,
+    ISSLTransport,
+    ITCPTransport,
+)
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from miniproxy.address import HostPort
+from miniproxy.flow import PAUSED_BY_PEER, Flow, Moment
+
+if TYPE_CHECKING:
+    from miniproxy.listener import ListenerContext
+
+_log = Logger(namespace="miniproxy.legs")
+
+
+@implementer(IHalfCloseableProtocol, IPushProducer)
+class Leg(Protocol):
+    """
+    What both legs share: the flow they belong to, pausing, and closing
+    once both directions have ended.
+
+    @ivar flow: The flow.
+    @ivar readClosed: The peer sent a FIN (or the leg is closed).
+    @ivar writeClosed: This leg's write side is shut down.
+    @ivar disconnected: The connection is closed.
+    """
+
+    flow: Flow
+
+    def __init__(self) -> None:
+        self._paused = 0
+        self.readClosed = False
+        self.writeClosed = False
+        self.disconnected = False
+
+    def setBufferBound(self, readSize: int) -> None:
+        """
+        Bound what this leg reads at once and what its transport buffers
+        before pausing its producer (see L{miniproxy.limits.Limits}).
+        """
+        transport: Any = self.transport
+        if hasattr(transport, "bufferSize"):
+            transport.bufferSize = readSize
+
+    # IPushProducer: the peer's transport pauses reading from this leg.
+    def pauseProducing(self) -> None:
+        """
+        The other leg cannot take more bytes now: stop reading this one.
+        """
+        self.pauseReading(PAUSED_BY_PEER)
+
+    def resumeProducing(self) -> None:
+        """
+        The other leg drained its buffer: read this one again.
+        """
+        self.resumeReading(PAUSED_BY_PEER)
+
+    def stopProducing(self) -> None:
+        """
+        Ignored: the flow, not the peer's transport, decides when a leg
+        closes.
+        """
+
+    def pauseReading(self, why: int) -> None:
+        """
+        Stop reading, for reason C{why} (a bit).  Reading resumes once every
+        reason is gone.
+        """
+        if not self._paused and not self.disconnected:
+            self.transport.pauseProducing()  # type: ignore[union-attr]
+        self._paused |= why
+
+    def resumeReading(self, why: int) -> None:
+        """
+        Remove reason C{why} for not reading.
+        """
+        if not self._paused & why:
+            return
+        self._paused &= ~why
+        if not self._paused and not self.disconnected:
+            self.transport.resumeProducing()  # type: ignore[union-attr]
+
+    def shutdownWrite(self) -> None:
+        """
+        Send a FIN once what is buffered is written.  On a transport with
+        no half-close (TLS), the close waits until the other direction ends
+        too.
+        """
+        if self.writeClosed or self.disconnected:
+            return
+        transport = self.transport
+        if ITCPTransport.providedBy(transport) and not ISSLTransport.providedBy(
+            transport
+        ):
+            transport.loseWriteConnection()  # type: ignore[union-attr]
+        else:
+            self.writeClosed = True
+            self._closeIfDone()
+
+    # IHalfCloseableProtocol
+    def readConnectionLost(self) -> None:
+        """
+        The peer sent a FIN.
+        """
+        self.readClosed = True
+        self._ended()
+        self._closeIfDone()
+
+    def writeConnectionLost(self) -> None:
+        """
+        This leg's write side is shut down.
+        """
+        self.writeClosed = True
+        self._closeIfDone()
+
+    def _closeIfDone(self) -> None:
+        if self.readClosed and self.writeClosed and not self.disconnected:
+            self.transport.loseConnection()  # type: ignore[union-attr]
+
+    def _ended(self) -> None:
+        raise NotImplementedError()
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        """
+        The connection is closed; tell the flow.
+        """
+        self.disconnected = True
+        self.flow.legLost(self, reason)
+
+
+class AcceptedLeg(Leg):
+    """
+    The leg facing the client or the previous proxy.
+    """
+
+    factory: AcceptedLegFactory
+
+    def connectionMade(self) -> None:
+        """
+        The kernel handed over the connection: find or make the flow.
+        """
+        context = self.factory.context
+        transport: Any = self.transport
+        flow = Flow(
+            context,
+            HostPort.fromAddress(transport.getPeer()),
+            HostPort.fromAddress(transport.getHost()),
+        )
+        self.flow = flow
+        context.prepareFlow(flow, transport)
+        flow.begin(Moment.ACCEPT)
+        flow.acceptedLegMade(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        """
+        Bytes from the client.
+        """
+        self.flow.dataFromClientLeg(data)
+
+    def _ended(self) -> None:
+        self.flow.clientLegEnded()
+
+
+class OutgoingLeg(Leg):
+    """
+    The leg facing the server or the next proxy.
+    """
+
+    def connectionMade(self) -> None:
+        """
+        Connected: join the flow.
+        """
+        self.flow.outgoingLegMade(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        """
+        Bytes from the server.
+        """
+        self.flow.dataFromServerLeg(data)
+
+    def _ended(self) -> None:
+        self.flow.serverLegEnded()
+
+
+class AcceptedLegFactory(Factory):
+    """
+    Makes the accepted legs of one listener, refusing flows over the
+    limits.
+
+    @ivar context: What the listener's flows share.
+    """
+
+    protocol = AcceptedLeg
+    noisy = False
+
+    def __init__(self, context: ListenerContext) -> None:
+        self.context = context
+
+    def buildProtocol(self, addr: Any) -> AcceptedLeg | None:
+        """
+        Admit a new connection, or refuse it (it is closed at once) when a
+        limit is reached.
+        """
+        host = getattr(addr, "host", "?")
+        refusal = self.context.table.admit(host)
+        if refusal is not None:
+            self.context.refusedAtAccept(host, refusal)
+            return None
+        leg = AcceptedLeg()
+        leg.factory = self
+        return leg
+
+
+class OutgoingLegFactory(Factory):
+    """
+    Makes the outgoing leg of one flow.
+    """
+
+    noisy = False
+
+    def __init__(self, flow: Flow) -> None:
+        self.flow = flow
+
+    def buildProtocol(self, addr: Any) -> OutgoingLeg:
+        """
+        Make the leg, bound to the flow.
+        """
+        leg = OutgoingLeg()
+        leg.flow = self.flow
+        leg.factory = self
+        return leg

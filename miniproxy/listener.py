@@ -1,0 +1,146 @@
+# -*- test-case-name: tests.test_listener -*-
+"""
+A listener: its settings, and the context its flows share at run time.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+from typing import Any, Callable, Sequence
+
+from attrs import field, frozen
+from twisted.logger import Logger
+
+from miniproxy.accesslog import logFlow, logRefusedAtAccept
+from miniproxy.address import DestinationSource, HostPort, NextHop
+from miniproxy.connect import Dialer
+from miniproxy.flowtable import FlowTable
+from miniproxy.interfaces import IFlowHandlerFactory, ISocketTuner
+from miniproxy.limits import Limits
+
+_log = Logger(namespace="miniproxy.listener")
+
+#: getsockopt(SOL_IP, SO_ORIGINAL_DST): where a NAT-redirected flow was going.
+SO_ORIGINAL_DST = 80
+#: The same for IPv6 (IP6T_SO_ORIGINAL_DST).
+IP6T_SO_ORIGINAL_DST = 80
+
+
+@frozen
+class ListenerSettings:
+    """
+    What the operator configured for one listener.
+
+    @ivar endpoint: The server endpoint description (Twisted syntax), such as
+        C{tcp:8080:interface=127.0.0.1} or C{tproxy:port=8080}.
+    @ivar mode: The connect mode (a L{miniproxy.flow.ConnectMode} value).
+    @ivar to: The static next hop, or L{None} for a transparent listener or
+        one whose functions choose the next hop.
+    @ivar transparent: Whether flows are intercepted and their original
+        destination is their destination.
+    """
+
+    endpoint: str
+    mode: Any
+    to: NextHop | None = None
+    transparent: bool = False
+    functionNames: tuple[str, ...] = field(default=())
+
+
+def originalDestination(transport: Any) -> HostPort:
+    """
+    The destination an intercepted client was connecting to.
+
+    With TPROXY the accepted socket's local address already is it.  With a
+    NAT redirect (C{nft ... redirect}/C{dnat}) the kernel keeps it as
+    C{SO_ORIGINAL_DST}; when that is available and differs, it wins.
+    """
+    host = HostPort.fromAddress(transport.getHost())
+    handle = getattr(transport, "getHandle", None)
+    if handle is None:
+        return host
+    sock = handle()
+    try:
+        if sock.family == socket.AF_INET:
+            raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
+            port, packed = struct.unpack_from("!2xH4s", raw)
+            return HostPort(socket.inet_ntop(socket.AF_INET, packed), port)
+        if sock.family == socket.AF_INET6:
+            raw = sock.getsockopt(socket.IPPROTO_IPV6, IP6T_SO_ORIGINAL_DST, 28)
+            port, packed = struct.unpack_from("!2xH4x16s", raw)
+            return HostPort(socket.inet_ntop(socket.AF_INET6, packed), port)
+    except OSError:
+        # Not NATed (ENOENT), or no conntrack: TPROXY's local address holds.
+        pass
+    return host
+
+
+class ListenerContext:
+    """
+    What the flows of one listener share at run time.
+
+    @ivar reactor: The reactor.
+    @ivar settings: The listener's settings.
+    @ivar mode: The connect mode.
+    @ivar limits: The bounds.
+    @ivar functions: The configured functions, in order, as C{(name,
+        factory)} pairs.
+    @ivar tuners: The functions that tune sockets.
+    @ivar staticNextHop: The configured next hop, if any.
+    @ivar transparent: Whether the listener intercepts flows.
+    @ivar dialer: Connects outgoing legs.
+    @ivar table: The service's open flows.
+    @ivar onFlowClosed: Called with each flow once it is closed, after the
+        access log line (for tests and metrics).
+    """
+
+    def __init__(
+        self,
+        reactor: Any,
+        settings: ListenerSettings,
+        limits: Limits,
+        functions: Sequence[tuple[str, IFlowHandlerFactory]],
+        table: FlowTable,
+        dialer: Dialer | None = None,
+        onFlowClosed: Callable[[Any], None] | None = None,
+    ) -> None:
+        self.reactor = reactor
+        self.settings = settings
+        self.mode = settings.mode
+        self.limits = limits
+        self.functions = tuple(functions)
+        self.tuners = tuple(
+            ISocketTuner(factory)
+            for _, factory in self.functions
+            if ISocketTuner.providedBy(factory)
+        )
+        self.staticNextHop = settings.to
+        self.transparent = settings.transparent
+        self.dialer = dialer if dialer is not None else Dialer(
+            reactor, limits.connectTimeout
+        )
+        self.table = table
+        self.onFlowClosed = onFlowClosed
+
+    def prepareFlow(self, flow: Any, transport: Any) -> None:
+        """
+        Fill in what the accepted transport tells about a new flow: the
+        original destination of an intercepted flow.
+        """
+        if self.transparent and flow.destinationSource is DestinationSource.TRANSPARENT:
+            flow.destination = originalDestination(transport)
+
+    def refusedAtAccept(self, host: str, reason: str) -> None:
+        """
+        A connection was refused before it became a flow.
+        """
+        logRefusedAtAccept(self.settings.endpoint, host, reason)
+
+    def flowClosed(self, flow: Any) -> None:
+        """
+        A flow is closed: write its access log line.
+        """
+        logFlow(flow)
+        if self.onFlowClosed is not None:
+            self.onFlowClosed(flow)

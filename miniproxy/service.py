@@ -1,0 +1,149 @@
+# -*- test-case-name: tests.test_service -*-
+"""
+The miniproxy service: listeners, the functions they run, and the flows
+they share.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+from typing import Any, Callable
+
+from twisted.application.internet import StreamServerEndpointService
+from twisted.application.service import MultiService
+from twisted.internet.endpoints import serverFromString
+from twisted.logger import Logger
+
+from miniproxy.config import ServiceConfig
+from miniproxy.errors import ConfigError, FunctionError
+from miniproxy.flowtable import FlowTable
+from miniproxy.functions.discovery import getFunctions
+from miniproxy.interfaces import IFlowHandlerFactory
+from miniproxy.legs import AcceptedLegFactory
+from miniproxy.listener import ListenerContext, ListenerSettings
+
+_log = Logger(namespace="miniproxy.service")
+
+
+def configureFunctions(
+    config: ServiceConfig, reactor: Any, package: ModuleType | None = None
+) -> tuple[tuple[str, IFlowHandlerFactory], ...]:
+    """
+    Find and configure the enabled functions, in order.
+
+    @raise ConfigError: If a function is not installed or its settings are
+        bad; the message names C{function.NAME.KEY}.
+    """
+    if not config.functions:
+        return ()
+    try:
+        installed = getFunctions(package)
+    except FunctionError as e:
+        raise ConfigError(str(e)) from None
+    configured = []
+    for name, settings in config.functions:
+        if name not in installed:
+            known = ", ".join(sorted(installed)) or "none"
+            raise ConfigError(
+                f"functions: no proxy function named {name!r} is installed "
+                f"(installed: {known})"
+            )
+        try:
+            factory = installed[name].configure(dict(settings), reactor)
+        except ConfigError as e:
+            raise ConfigError(f"function.{name}.{e}") from None
+        if not IFlowHandlerFactory.providedBy(factory):
+            raise ConfigError(
+                f"functions: {name!r} configured to {factory!r}, which does not "
+                f"provide IFlowHandlerFactory"
+            )
+        configured.append((name, factory))
+    return tuple(configured)
+
+
+def withBacklog(description: str, backlog: int) -> str:
+    """
+    Add C{backlog=N} to a TCP server endpoint description that has none:
+    Twisted's default of 50 drops connections under bursts.
+    """
+    kind = description.split(":", 1)[0]
+    if kind in ("tcp", "tcp6", "ssl", "tproxy") and ":backlog=" not in description:
+        return f"{description}:backlog={backlog}"
+    return description
+
+
+class ProxyService(MultiService):
+    """
+    A running miniproxy: one L{StreamServerEndpointService} per listener.
+
+    @ivar config: The service's configuration.
+    @ivar table: The open flows of every listener.
+    @ivar functions: The configured functions, in order.
+    """
+
+    def __init__(
+        self,
+        config: ServiceConfig,
+        reactor: Any,
+        functions: tuple[tuple[str, IFlowHandlerFactory], ...] | None = None,
+        onFlowClosed: Callable[[Any], None] | None = None,
+    ) -> None:
+        super().__init__()
+        self.config = config
+        self.reactor = reactor
+        self.table = FlowTable(config.limits.maxFlows, config.limits.maxFlowsPerSource)
+        self.functions = (
+            functions if functions is not None else configureFunctions(config, reactor)
+        )
+        self.onFlowClosed = onFlowClosed
+        self.listeners: list[StreamServerEndpointService] = []
+        for settings in config.listeners:
+            self._makeListener(settings)
+
+    def _makeListener(self, settings: ListenerSettings) -> StreamServerEndpointService:
+        context = ListenerContext(
+            self.reactor,
+            settings,
+            self.config.limits,
+            self.functions,
+            self.table,
+            onFlowClosed=self.onFlowClosed,
+        )
+        try:
+            endpoint = serverFromString(
+                self.reactor, withBacklog(settings.endpoint, self.config.limits.listenBacklog)
+            )
+        except (ValueError, TypeError, KeyError) as e:
+            raise ConfigError(f"bad listen endpoint {settings.endpoint!r}: {e}") from None
+        service = StreamServerEndpointService(endpoint, AcceptedLegFactory(context))
+        # Fail twistd's start-up when a port cannot be bound, instead of
+        # logging and running with no listener.
+        service._raiseSynchronously = True
+        service.setServiceParent(self)
+        self.listeners.append(service)
+        return service
+
+    def addListener(self, settings: ListenerSettings) -> Any:
+        """
+        Start one more listener in the running service (a proxy made on the
+        fly).
+
+        @return: A L{Deferred} firing with the listening port.
+        """
+        service = self._makeListener(settings)
+        if self.running and not service.running:
+            service.startService()
+        return service._waitingForPort
+
+    def stopService(self) -> Any:
+        """
+        Stop listening, then reset the flows still open.
+        """
+        d = super().stopService()
+
+        def closeFlows(result: object) -> object:
+            for flow in list(self.table.flows):
+                flow.abort("service stopping")
+            return result
+
+        return d.addBoth(closeFlows)

@@ -1,0 +1,135 @@
+# -*- test-case-name: tests.test_tap -*-
+"""
+The C{twistd miniproxy} command: its options, and the service it makes.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from twisted.python import usage
+
+from miniproxy.config import ServiceConfig, buildConfig, loadConfig
+from miniproxy.errors import ConfigError, FunctionError
+
+
+class Options(usage.Options):
+    """
+    The options of C{twistd miniproxy}.
+    """
+
+    synopsis = "[options]"
+    longdesc = (
+        "A split-TCP proxy with early SYN hooks and pluggable proxy functions. "
+        "With no options it listens on 127.0.0.1:8080; give --to (or a config "
+        "file) to say where flows go."
+    )
+    optParameters = [
+        ["config", "c", None, "A TOML config file (see docs/configuration.md)."],
+        ["to", "t", None, "Static next hop: tcp:host=H:port=P or tls:host=H:port=P."],
+        ["mode", "m", None, "Connect mode: early (default), accept or first-data."],
+        ["connect-timeout", None, None, "Seconds to connect the outgoing leg (10)."],
+        ["idle-timeout", None, None, "Seconds without traffic before reset (300; 0: never)."],
+        ["max-flows", None, None, "Flows open at once (10000)."],
+        ["max-flows-per-source", None, None, "Flows open at once per client address (256)."],
+        ["max-buffer", None, None, "Bytes buffered per flow and direction (262144)."],
+        ["listen-backlog", None, None, "listen(2) backlog per listener (1024)."],
+    ]
+    optFlags = [
+        ["list-functions", None, "List the installed proxy functions and exit."],
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["listen"] = []
+        self["functions"] = []
+
+    def opt_listen(self, description: str) -> None:
+        """
+        Listen on this server endpoint (repeatable); default
+        tcp:8080:interface=127.0.0.1.
+        """
+        self["listen"].append(description)
+
+    opt_l = opt_listen
+
+    def opt_function(self, name: str) -> None:
+        """
+        Enable this proxy function (repeatable; they run in this order).
+        """
+        self["functions"].append(name)
+
+    opt_f = opt_function
+
+    def postOptions(self) -> None:
+        """
+        List the functions, or build and validate the configuration.
+        """
+        if self["list-functions"]:
+            sys.stdout.write(listFunctions())
+            raise SystemExit(0)
+        limits = {}
+        for name in (
+            "connect-timeout",
+            "idle-timeout",
+            "max-flows",
+            "max-flows-per-source",
+            "max-buffer",
+            "listen-backlog",
+        ):
+            if self[name] is not None:
+                limits[name] = self[name]
+        overrides: dict[str, Any] = dict(
+            listen=self["listen"] or None,
+            to=self["to"],
+            mode=self["mode"],
+            functions=self["functions"],
+            limits=limits,
+        )
+        try:
+            if self["config"]:
+                self.config = loadConfig(self["config"], **overrides)
+            else:
+                self.config = buildConfig({}, **overrides)
+        except ConfigError as e:
+            raise usage.UsageError(str(e))
+
+
+def listFunctions() -> str:
+    """
+    The installed proxy functions, one per line with its description.
+    """
+    from miniproxy.functions.discovery import getFunctions
+
+    try:
+        functions = getFunctions()
+    except FunctionError as e:
+        return f"error: {e}\n"
+    if not functions:
+        return "no proxy functions installed\n"
+    width = max(len(name) for name in functions)
+    return "".join(
+        f"{name:<{width}}  {functions[name].description}\n" for name in sorted(functions)
+    )
+
+
+def makeService(options: Options, reactor: Any = None) -> Any:
+    """
+    Make the miniproxy service from parsed options.
+
+    @raise ConfigError: If a function is not installed or is badly
+        configured.
+    """
+    if reactor is None:
+        from twisted.internet import reactor as _reactor
+
+        reactor = _reactor
+    from miniproxy.service import ProxyService
+
+    config: ServiceConfig = options.config
+    try:
+        return ProxyService(config, reactor)
+    except ConfigError as e:
+        # twistd prints this and exits 1, instead of a traceback.
+        raise SystemExit(f"miniproxy: configuration error: {e}")
