@@ -55,18 +55,28 @@ def originalDestination(transport: Any) -> HostPort:
     With TPROXY the accepted socket's local address already is it.  With a
     NAT redirect (C{nft ... redirect}/C{dnat}) the kernel keeps it as
     C{SO_ORIGINAL_DST}; when that is available and differs, it wins.
+
+    An IPv4 flow accepted by a dual-stack IPv6 socket (its local address is
+    IPv4-mapped, C{::ffff:a.b.c.d}) is IPv4: its conntrack entry is asked
+    for at C{SOL_IP}, and the destination is given as the IPv4 address.
     """
     host = HostPort.fromAddress(transport.getHost())
+    ip = host.ipAddress()
+    mapped = getattr(ip, "ipv4_mapped", None)
+    if mapped is not None:
+        host = HostPort(str(mapped), host.port)
     handle = getattr(transport, "getHandle", None)
     if handle is None:
         return host
     sock = handle()
     try:
-        if sock.family == socket.AF_INET:
+        if sock.family == socket.AF_INET or mapped is not None:
+            # struct sockaddr_in: family, port (big-endian), address.
             raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
             port, packed = struct.unpack_from("!2xH4s", raw)
             return HostPort(socket.inet_ntop(socket.AF_INET, packed), port)
         if sock.family == socket.AF_INET6:
+            # struct sockaddr_in6: family, port, flowinfo, address, scope.
             raw = sock.getsockopt(socket.IPPROTO_IPV6, IP6T_SO_ORIGINAL_DST, 28)
             port, packed = struct.unpack_from("!2xH4x16s", raw)
             return HostPort(socket.inet_ntop(socket.AF_INET6, packed), port)
