@@ -68,6 +68,14 @@ class HostPort:
             return None
 
 
+def ipText(packed: bytes) -> str:
+    """
+    The canonical text of a packed IPv4 (4 bytes) or IPv6 (16 bytes)
+    address, as L{ipaddress} writes it.
+    """
+    return str(ipaddress.ip_address(packed))
+
+
 def _port(value: object, what: str) -> int:
     try:
         port = int(value)  # type: ignore[call-overload]
