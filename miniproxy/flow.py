@@ -122,6 +122,11 @@ class FlowTimes:
         return {name: getattr(self, name) for name in self.__slots__}
 
 
+# Outcomes after which a leg that is still to come is reset, not closed.
+_RESET_OUTCOMES = frozenset(
+    {Outcome.RESET, Outcome.ABORTED, Outcome.IDLE_TIMEOUT}
+)
+
 # Why a leg's reading is paused: a bit each.
 PAUSED_BY_PEER = 1  # the other leg's transport buffer is full
 PAUSED_EARLY = 2  # the bytes held before the outgoing leg connects are full
@@ -146,8 +151,11 @@ def describeFailure(reason: Failure) -> str:
     return text
 
 
-def _reset(transport: Any) -> None:
-    # Abort with SO_LINGER 0 so the kernel sends a RST, as the other leg got.
+def resetTransport(transport: Any) -> None:
+    """
+    Abort a transport with C{SO_LINGER} 0, so that the kernel sends a RST
+    (as the other leg got) instead of a FIN.
+    """
     handle = getattr(transport, "getHandle", None)
     if handle is not None:
         try:
@@ -189,7 +197,9 @@ class Flow:
         "_toServerSize",
         "_finToServer",
         "_toClient",
+        "_toClientSize",
         "_finToClient",
+        "_answering",
         "_idleCall",
         "_lastActivity",
         "_finished",
@@ -221,7 +231,9 @@ class Flow:
         self._toServerSize = 0
         self._finToServer = False
         self._toClient: list[bytes] = []
+        self._toClientSize = 0
         self._finToClient = False
+        self._answering = False
         self._idleCall: Any = None
         self._lastActivity = 0.0
         self._finished = False
@@ -265,6 +277,10 @@ class Flow:
         context = self._context
         if moment is Moment.SYN:
             self.times.synSeen = self._now()
+        else:
+            # Known from the accept: a flow ended by an early-SYN hook is
+            # logged with its start time.
+            self.times.accepted = self._now()
         handlers = []
         for name, factory in context.functions:
             handler = factory.handlerForFlow(self)
@@ -277,9 +293,9 @@ class Flow:
             self._idleCall = context.reactor.callLater(
                 context.limits.idleTimeout, self._checkIdle
             )
-        if not self._runHook("earlySyn"):
+        if not self._runLifecycleHook("earlySyn"):
             return
-        if self.mode is ConnectMode.EARLY and self.outcome is None:
+        if self.mode is ConnectMode.EARLY:
             self._startOutgoing(moment)
 
     def acceptedLegMade(self, leg: Leg) -> None:
@@ -292,17 +308,28 @@ class Flow:
         for tuner in self._context.tuners:
             tuner.tuneAccepted(leg.transport)
         if self.outcome is not None:
-            # Refused or failed before the accept.
-            self._closeAccepted()
+            # Refused or failed before the accept: close the leg, or reset
+            # it if the flow was reset or aborted.
+            if self.outcome in _RESET_OUTCOMES:
+                leg.abort()
+            else:
+                self._closeAccepted()
             return
-        for data in self._toClient:
+        outgoing = self._outgoing
+        if outgoing is not None:
+            # The outgoing leg connected first (at the SYN): pair them now.
+            leg.registerPeer(outgoing)
+            outgoing.registerPeer(leg)
+        pending, self._toClient, self._toClientSize = self._toClient, [], 0
+        for data in pending:
             leg.transport.write(data)
-        self._toClient = []
-        if not self._runHook("accepted"):
+        if outgoing is not None:
+            outgoing.resumeReading(PAUSED_EARLY)
+        if not self._runLifecycleHook("accepted"):
             return
-        if self.outcome is None and self._finToClient:
+        if self._finToClient:
             self._shutdownWrite(leg)
-        if self.mode is ConnectMode.ACCEPT and self.startedBy is None:
+        if self.mode is ConnectMode.ACCEPT:
             self._startOutgoing(Moment.ACCEPT)
 
     def outgoingLegMade(self, leg: Leg) -> None:
@@ -312,7 +339,7 @@ class Flow:
         self._connecting = None
         if self.outcome is not None:
             # The flow ended while this leg was connecting.
-            _reset(leg.transport)
+            leg.abort()
             self._maybeFinish()
             return
         self._outgoing = leg
@@ -322,9 +349,9 @@ class Flow:
             tuner.tuneOutgoing(leg.transport)
         accepted = self._accepted
         if accepted is not None:
-            accepted.transport.registerProducer(leg, True)
-            leg.transport.registerProducer(accepted, True)
-        if not self._runHook("outgoingConnected"):
+            accepted.registerPeer(leg)
+            leg.registerPeer(accepted)
+        if not self._runLifecycleHook("outgoingConnected"):
             return
         pending, self._toServer, self._toServerSize = self._toServer, [], 0
         for data in pending:
@@ -358,9 +385,26 @@ class Flow:
 
         d = self._context.dialer.connect(nextHop, OutgoingLegFactory(self))
         self._connecting = d
-        d.addErrback(self._connectFailed)
+        # The result may already be there (a dialer that connects or fails
+        # at once): the callbacks then run now, and clear _connecting.
+        d.addCallbacks(
+            self._connectSucceeded,
+            self._connectFailed,
+            callbackArgs=(d,),
+            errbackArgs=(d,),
+        )
 
-    def _connectFailed(self, reason: Failure) -> None:
+    def _connectSucceeded(self, protocol: object, d: Any) -> None:
+        if self._connecting is d:
+            self._connecting = None
+        self._maybeFinish()
+
+    def _connectFailed(self, reason: Failure, d: Any) -> None:
+        if self._connecting is not d:
+            # Cancelled by the flow itself (refused, aborted, closed): not a
+            # connection failure.
+            self._maybeFinish()
+            return
         self._connecting = None
         if self.outcome is not None:
             self._maybeFinish()
@@ -372,10 +416,16 @@ class Flow:
             outcome = Outcome.CONNECT_FAILED
             text = describeFailure(reason)
         self._setOutcome(outcome, f"{self.nextHop}: {text}")
+        # A handler may answer the client itself (an error page): let
+        # writeToClient through while the hooks run, though the outcome is
+        # already set.
+        self._answering = True
         try:
             self._chain.run("outgoingFailed", self, text)
         except HookFailed as e:
             _log.failure("{message}", Failure(e), message=str(e))
+        finally:
+            self._answering = False
         self._closeAccepted()
         self._maybeFinish()
 
@@ -455,13 +505,21 @@ class Flow:
         """
         See L{IFlow.writeToClient}.
         """
-        if not data or self.outcome is not None:
+        if not data or (self.outcome is not None and not self._answering):
             return
         accepted = self._accepted
         if accepted is not None:
             accepted.transport.write(data)
-        else:
-            self._toClient.append(data)
+            return
+        # Not accepted yet (the outgoing leg connected at the SYN): hold the
+        # bytes, within the same bound as those held for the server.
+        self._toClient.append(data)
+        self._toClientSize += len(data)
+        if (
+            self._toClientSize >= self._context.limits.readSize
+            and self._outgoing is not None
+        ):
+            self._outgoing.pauseReading(PAUSED_EARLY)
 
     # -- half-close -----------------------------------------------------
 
@@ -531,7 +589,7 @@ class Flow:
         self._setOutcome(Outcome.REFUSED, reason)
         self._cancelConnecting()
         if self._outgoing is not None:
-            _reset(self._outgoing.transport)
+            self._outgoing.abort()
         self._closeAccepted()
         self._maybeFinish()
 
@@ -542,7 +600,10 @@ class Flow:
         self._cancelConnecting()
         for leg in (self._accepted, self._outgoing):
             if leg is not None:
-                leg.transport.loseConnection()
+                # Both directions end here: what arrives after this is not
+                # a half-close to pass on (see legLost).
+                leg.readClosed = True
+                leg.loseConnection()
         self._maybeFinish()
 
     def abort(self, reason: str) -> None:
@@ -555,8 +616,8 @@ class Flow:
     def _resetAll(self) -> None:
         self._cancelConnecting()
         for leg in (self._accepted, self._outgoing):
-            if leg is not None and not leg.disconnected:
-                _reset(leg.transport)
+            if leg is not None:
+                leg.abort()
         self._maybeFinish()
 
     def _cancelConnecting(self) -> None:
@@ -565,8 +626,8 @@ class Flow:
             d.cancel()
 
     def _closeAccepted(self) -> None:
-        if self._accepted is not None and not self._accepted.disconnected:
-            self._accepted.transport.loseConnection()
+        if self._accepted is not None:
+            self._accepted.loseConnection()
 
     def _setOutcome(self, outcome: Outcome, reason: str | None) -> None:
         if self.outcome is None:
@@ -579,7 +640,7 @@ class Flow:
 
     def _runHook(self, hook: str) -> bool:
         """
-        Run a lifecycle hook.
+        Run a hook whose C{STOP} takes the event over (a half-close).
 
         @return: Whether the proxy goes on with its default action: L{False}
             if a handler said C{STOP}, failed, or ended the flow.
@@ -590,6 +651,23 @@ class Flow:
             self._hookFailed(e)
             return False
         return verdict is CONTINUE and self.outcome is None
+
+    def _runLifecycleHook(self, hook: str) -> bool:
+        """
+        Run a lifecycle hook (early SYN, accepted, outgoing connected).
+        C{STOP} only ends the chain for this event: the proxy's own next
+        step (starting the outgoing leg, writing held bytes) has no handler
+        to take it over, so it still happens unless the flow ended.
+
+        @return: Whether the flow goes on: L{False} if a handler failed or
+            ended the flow.
+        """
+        try:
+            self._chain.run(hook, self)
+        except HookFailed as e:
+            self._hookFailed(e)
+            return False
+        return self.outcome is None
 
     def _checkIdle(self) -> None:
         self._idleCall = None

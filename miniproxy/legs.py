@@ -18,13 +18,13 @@ from twisted.internet.interfaces import (
     ISSLTransport,
     ITCPTransport,
 )
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from miniproxy.address import HostPort
-from miniproxy.flow import PAUSED_BY_PEER, Flow, Moment
+from miniproxy.flow import PAUSED_BY_PEER, Flow, Moment, resetTransport
 
 if TYPE_CHECKING:
     from miniproxy.listener import ListenerContext
@@ -48,9 +48,36 @@ class Leg(Protocol):
 
     def __init__(self) -> None:
         self._paused = 0
+        self._peer: Leg | None = None
         self.readClosed = False
         self.writeClosed = False
         self.disconnected = False
+        self.aborting = False
+
+    def registerPeer(self, peer: Leg) -> None:
+        """
+        Make C{peer} the streaming producer of this leg's transport, so that
+        the transport pauses reading from C{peer} while it has too much to
+        write.
+        """
+        if self._peer is None and not self.disconnected:
+            self.transport.registerProducer(peer, True)  # type: ignore[union-attr]
+            self._peer = peer
+
+    def _unregisterPeer(self) -> None:
+        # Once this leg's write side is ending, its peer produces nothing
+        # more for it.  Twisted's FileDescriptor does not send a FIN (nor
+        # close) when its buffer drains while a *paused* streaming producer
+        # is registered: it resumes the producer instead and waits for more
+        # writes, which never come once the peer has read a FIN.  Unregister
+        # first, and let the peer read again if the transport paused it.
+        peer, self._peer = self._peer, None
+        if peer is None:
+            return
+        transport: Any = self.transport
+        if not self.disconnected:
+            transport.unregisterProducer()
+        peer.resumeProducing()
 
     def setBufferBound(self, readSize: int) -> None:
         """
@@ -96,7 +123,9 @@ class Leg(Protocol):
         if not self._paused & why:
             return
         self._paused &= ~why
-        if not self._paused and not self.disconnected:
+        # Never read again once the peer's FIN was read: Twisted would read
+        # the end of file again and call readConnectionLost once more.
+        if not (self._paused or self.disconnected or self.aborting or self.readClosed):
             self.transport.resumeProducing()  # type: ignore[union-attr]
 
     def shutdownWrite(self) -> None:
@@ -107,6 +136,7 @@ class Leg(Protocol):
         """
         if self.writeClosed or self.disconnected:
             return
+        self._unregisterPeer()
         transport = self.transport
         if ITCPTransport.providedBy(transport) and not ISSLTransport.providedBy(
             transport
@@ -116,11 +146,31 @@ class Leg(Protocol):
             self.writeClosed = True
             self._closeIfDone()
 
+    def loseConnection(self) -> None:
+        """
+        Close the connection cleanly once what is buffered is written.
+        """
+        if self.disconnected:
+            return
+        self._unregisterPeer()
+        self.transport.loseConnection()  # type: ignore[union-attr]
+
+    def abort(self) -> None:
+        """
+        Reset the connection (RST), discarding what is buffered.
+        """
+        if self.disconnected or self.aborting:
+            return
+        self.aborting = True
+        resetTransport(self.transport)
+
     # IHalfCloseableProtocol
     def readConnectionLost(self) -> None:
         """
         The peer sent a FIN.
         """
+        if self.readClosed:
+            return
         self.readClosed = True
         self._ended()
         self._closeIfDone()
@@ -134,16 +184,17 @@ class Leg(Protocol):
 
     def _closeIfDone(self) -> None:
         if self.readClosed and self.writeClosed and not self.disconnected:
-            self.transport.loseConnection()  # type: ignore[union-attr]
+            self.loseConnection()
 
     def _ended(self) -> None:
         raise NotImplementedError()
 
-    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         """
         The connection is closed; tell the flow.
         """
         self.disconnected = True
+        self._peer = None
         self.flow.legLost(self, reason)
 
 
