@@ -87,7 +87,13 @@ def encodeOptions(options: list[tuple[int, bytes]]) -> bytes:
     return out + b"\x01" * (-len(out) % 4)
 
 
-def _parseTCP(source: str, destination: str, data: bytes) -> TCPSegment:
+def parseTCP(source: str, destination: str, data: bytes) -> TCPSegment:
+    """
+    Parse a TCP segment whose addresses are known from elsewhere (an
+    C{AF_INET6} raw socket delivers no IP header).
+
+    @raise MalformedInput: If it is truncated.
+    """
     if len(data) < 20:
         raise MalformedInput(f"TCP header truncated ({len(data)} bytes)")
     sport, dport, seq, _ack, offsetByte, flags = struct.unpack_from("!HHIIBB", data)
@@ -124,7 +130,7 @@ def parseIP(packet: bytes) -> TCPSegment:
         if packet[9] != socket.IPPROTO_TCP:
             raise MalformedInput(f"IP protocol {packet[9]} is not TCP")
         end = min(len(packet), totalLength) if totalLength >= ihl else len(packet)
-        return _parseTCP(
+        return parseTCP(
             ipText(packet[12:16]),
             ipText(packet[16:20]),
             packet[ihl:end],
@@ -135,7 +141,7 @@ def parseIP(packet: bytes) -> TCPSegment:
         if packet[6] != socket.IPPROTO_TCP:
             raise MalformedInput(f"IPv6 next header {packet[6]} is not TCP")
         payloadLength = struct.unpack_from("!H", packet, 4)[0]
-        return _parseTCP(
+        return parseTCP(
             ipText(packet[8:24]),
             ipText(packet[24:40]),
             packet[40:40 + payloadLength],
