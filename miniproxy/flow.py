@@ -143,10 +143,11 @@ def describeFailure(reason: Failure) -> str:
         return "connect timed out"
     if isinstance(value, error.DNSLookupError):
         return f"DNS lookup failed: {value}"
-    if isinstance(value, error.ConnectionLost):
-        return "connection reset"
+    # ConnectionAborted is a ConnectionLost: test it first.
     if isinstance(value, error.ConnectionAborted):
         return "connection aborted"
+    if isinstance(value, error.ConnectionLost):
+        return "connection reset"
     text = str(value).strip() or type(value).__name__
     return text
 
@@ -688,6 +689,12 @@ class Flow:
         A leg's connection is closed.
         """
         if leg is not self._accepted and leg is not self._outgoing:
+            return
+        if self.outcome is not None:
+            # The flow already decided how its legs end (a refusal closes
+            # the client leg while it resets the outgoing one): a leg lost
+            # now is that decision, not a new reset to pass on.
+            self._maybeFinish()
             return
         if not reason.check(error.ConnectionDone):
             # A reset or an error on one leg resets the other.
