@@ -1,0 +1,556 @@
+"""
+Tests for L{miniproxy.legs}: the two legs of a flow as protocols, pausing,
+half-closing and closing, and their factories.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+from typing import Any
+
+from twisted.internet import defer, error
+from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer, ISSLTransport
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.testing import StringTransport
+from twisted.logger import capturedLogs
+from twisted.python.failure import Failure
+from twisted.trial import unittest
+from zope.interface import alsoProvides, implementer
+from zope.interface.verify import verifyObject
+
+from miniproxy.address import HostPort, NextHop
+from miniproxy.flow import PAUSED_BY_PEER, PAUSED_EARLY, ConnectMode, Flow, Outcome
+from miniproxy.flowtable import FlowTable
+from miniproxy.legs import AcceptedLeg, AcceptedLegFactory, Leg, OutgoingLeg, OutgoingLegFactory
+from miniproxy.limits import Limits
+from miniproxy.listener import ListenerContext, ListenerSettings
+from miniproxy.testing import FlowHarness, RecordingFunction
+from miniproxy.verdict import STOP, Chunk, Verdict
+
+
+class RecordingFlow:
+    """
+    Stands for a flow: records what its leg tells it.
+    """
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, Any]] = []
+
+    def clientLegEnded(self) -> None:
+        self.events.append(("clientLegEnded", None))
+
+    def serverLegEnded(self) -> None:
+        self.events.append(("serverLegEnded", None))
+
+    def legLost(self, leg: Leg, reason: Failure) -> None:
+        self.events.append(("legLost", reason.type))
+
+
+class TCPStringTransport(StringTransport):
+    """
+    A L{StringTransport} with C{loseWriteConnection}, counting calls.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(lenient=True)
+        self.calls: list[str] = []
+
+    def loseWriteConnection(self) -> None:
+        self.calls.append("loseWriteConnection")
+
+    def pauseProducing(self) -> None:
+        self.calls.append("pauseProducing")
+        super().pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self.calls.append("resumeProducing")
+        super().resumeProducing()
+
+    def abortConnection(self) -> None:
+        self.calls.append("abortConnection")
+        super().abortConnection()
+
+
+def legOn(transport: Any, cls: type[Leg] = OutgoingLeg) -> tuple[Leg, RecordingFlow]:
+    """
+    A leg of class C{cls} bound to a L{RecordingFlow}, on C{transport},
+    without running C{connectionMade}.
+    """
+    from twisted.internet.interfaces import ITCPTransport
+
+    if not ITCPTransport.providedBy(transport) and hasattr(transport, "loseWriteConnection"):
+        alsoProvides(transport, ITCPTransport)
+    leg = cls()
+    flow = RecordingFlow()
+    leg.flow = flow  # type: ignore[assignment]
+    leg.transport = transport
+    return leg, flow
+
+
+class LegTests(unittest.TestCase):
+    """
+    Tests for L{Leg}.
+    """
+
+    def test_interfaces(self) -> None:
+        """
+        A leg is a half-closeable protocol and a push producer.
+        """
+        leg, _ = legOn(TCPStringTransport())
+        self.assertTrue(verifyObject(IHalfCloseableProtocol, leg))
+        self.assertTrue(verifyObject(IPushProducer, leg))
+
+    def test_pauseReasons(self) -> None:
+        """
+        Reading pauses at the first reason and resumes when the last reason
+        is gone; removing an absent reason does nothing.
+        """
+        transport = TCPStringTransport()
+        leg, _ = legOn(transport)
+        leg.pauseReading(PAUSED_EARLY)
+        leg.pauseProducing()
+        self.assertEqual(transport.calls, ["pauseProducing"])
+        leg.resumeReading(PAUSED_EARLY)
+        self.assertEqual(transport.producerState, "paused")
+        leg.resumeReading(PAUSED_EARLY)
+        leg.resumeProducing()
+        self.assertEqual(transport.calls, ["pauseProducing", "resumeProducing"])
+        self.assertEqual(transport.producerState, "producing")
+
+    def test_noReadAfterFin(self) -> None:
+        """
+        Once the peer's FIN was read, resuming does not read again: Twisted
+        would read the end of file again.
+        """
+        transport = TCPStringTransport()
+        leg, flow = legOn(transport)
+        leg.pauseProducing()
+        leg.readConnectionLost()
+        leg.resumeProducing()
+        self.assertEqual(transport.calls, ["pauseProducing"])
+        self.assertEqual(flow.events, [("serverLegEnded", None)])
+
+    def test_finOnce(self) -> None:
+        """
+        A second C{readConnectionLost} is ignored.
+        """
+        leg, flow = legOn(TCPStringTransport(), AcceptedLeg)
+        leg.readConnectionLost()
+        leg.readConnectionLost()
+        self.assertEqual(flow.events, [("clientLegEnded", None)])
+        self.assertTrue(leg.readClosed)
+
+    def test_shutdownWriteTCP(self) -> None:
+        """
+        On TCP the write side is shut down with C{loseWriteConnection};
+        the leg closes once the peer's FIN came too.
+        """
+        transport = TCPStringTransport()
+        leg, _ = legOn(transport)
+        leg.shutdownWrite()
+        self.assertEqual(transport.calls, ["loseWriteConnection"])
+        self.assertFalse(leg.writeClosed)
+        leg.writeConnectionLost()
+        self.assertTrue(leg.writeClosed)
+        self.assertFalse(transport.disconnecting)
+        leg.readConnectionLost()
+        self.assertTrue(transport.disconnecting)
+        leg.shutdownWrite()
+        self.assertEqual(transport.calls, ["loseWriteConnection"])
+
+    def test_shutdownWriteTLS(self) -> None:
+        """
+        A TLS transport has no half-close: the write side counts as closed
+        at once and the connection closes when the other direction ends.
+        """
+        transport = TCPStringTransport()
+        alsoProvides(transport, ISSLTransport)
+        leg, _ = legOn(transport)
+        leg.shutdownWrite()
+        self.assertNotIn("loseWriteConnection", transport.calls)
+        self.assertTrue(leg.writeClosed)
+        self.assertFalse(transport.disconnecting)
+        leg.readConnectionLost()
+        self.assertTrue(transport.disconnecting)
+
+    def test_shutdownWriteUnregistersPeer(self) -> None:
+        """
+        Shutting the write side down unregisters the peer producer (a
+        paused streaming producer keeps Twisted from ever sending the FIN)
+        and lets the peer read again.
+        """
+        transport = TCPStringTransport()
+        peerTransport = TCPStringTransport()
+        leg, _ = legOn(transport)
+        peer, _ = legOn(peerTransport, AcceptedLeg)
+        leg.registerPeer(peer)
+        self.assertIs(transport.producer, peer)
+        self.assertTrue(transport.streaming)
+        peer.pauseProducing()
+        leg.shutdownWrite()
+        self.assertIsNone(transport.producer)
+        self.assertEqual(peerTransport.producerState, "producing")
+
+    def test_loseConnectionUnregistersPeer(self) -> None:
+        """
+        Closing unregisters the peer producer too, then closes once.
+        """
+        transport = TCPStringTransport()
+        leg, _ = legOn(transport)
+        peer, _ = legOn(TCPStringTransport(), AcceptedLeg)
+        leg.registerPeer(peer)
+        leg.registerPeer(peer)
+        leg.loseConnection()
+        self.assertIsNone(transport.producer)
+        self.assertTrue(transport.disconnecting)
+
+    def test_abortOnce(self) -> None:
+        """
+        L{Leg.abort} aborts the transport once, with C{SO_LINGER} 0 so that
+        the kernel sends a RST.
+        """
+        options = []
+
+        class Handle:
+            def setsockopt(self, *args: Any) -> None:
+                options.append(args)
+
+        transport = TCPStringTransport()
+        transport.getHandle = Handle  # type: ignore[attr-defined]
+        leg, _ = legOn(transport)
+        leg.abort()
+        leg.abort()
+        self.assertEqual(transport.calls, ["abortConnection"])
+        self.assertEqual(
+            options, [(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))]
+        )
+        leg.resumeReading(PAUSED_BY_PEER)
+        self.assertEqual(transport.calls, ["abortConnection"])
+
+    def test_abortClosedSocket(self) -> None:
+        """
+        A socket that cannot take the option is aborted all the same.
+        """
+
+        class Handle:
+            def setsockopt(self, *args: Any) -> None:
+                raise OSError(9, "Bad file descriptor")
+
+        transport = TCPStringTransport()
+        transport.getHandle = Handle  # type: ignore[attr-defined]
+        leg, _ = legOn(transport)
+        leg.abort()
+        self.assertEqual(transport.calls, ["abortConnection"])
+
+    def test_bufferBound(self) -> None:
+        """
+        L{Leg.setBufferBound} sets the transport's C{bufferSize} (what it
+        reads at once and buffers before pausing its producer), when it has
+        one.
+        """
+        transport = TCPStringTransport()
+        transport.bufferSize = 65536  # type: ignore[attr-defined]
+        leg, _ = legOn(transport)
+        leg.setBufferBound(2048)
+        self.assertEqual(transport.bufferSize, 2048)  # type: ignore[attr-defined]
+        bare, _ = legOn(StringTransport())
+        bare.setBufferBound(2048)
+        self.assertFalse(hasattr(bare.transport, "bufferSize"))
+
+    def test_connectionLost(self) -> None:
+        """
+        A lost connection is reported to the flow, with L{ConnectionDone}
+        when no reason is given; a disconnected leg no longer pauses its
+        transport.
+        """
+        transport = TCPStringTransport()
+        leg, flow = legOn(transport)
+        leg.connectionLost()
+        self.assertTrue(leg.disconnected)
+        self.assertEqual(flow.events, [("legLost", error.ConnectionDone)])
+        leg.pauseReading(PAUSED_EARLY)
+        leg.shutdownWrite()
+        leg.loseConnection()
+        self.assertEqual(transport.calls, [])
+
+    def test_stopProducing(self) -> None:
+        """
+        The peer transport's C{stopProducing} does not close the leg: the
+        flow decides that.
+        """
+        transport = TCPStringTransport()
+        leg, flow = legOn(transport)
+        leg.stopProducing()
+        self.assertFalse(transport.disconnecting)
+        self.assertEqual(flow.events, [])
+
+
+class FactoryTests(unittest.TestCase):
+    """
+    Tests for L{AcceptedLegFactory} and L{OutgoingLegFactory}.
+    """
+
+    def test_acceptedLegMakesFlow(self) -> None:
+        """
+        An accepted leg makes its flow from the transport's addresses.
+        """
+        harness = FlowHarness(limits=Limits(idleTimeout=0))
+        driver = harness.accept(
+            client=HostPort("2001:db8::1", 5555), local=HostPort("2001:db8::2", 80)
+        )
+        assert driver.flow is not None
+        self.assertIsInstance(driver.acceptedLeg, AcceptedLeg)
+        self.assertEqual(driver.flow.client, HostPort("2001:db8::1", 5555))
+        self.assertEqual(driver.flow.local, HostPort("2001:db8::2", 80))
+        self.assertIs(driver.acceptedLeg.factory, harness.factory)  # type: ignore[union-attr]
+
+    def test_admission(self) -> None:
+        """
+        L{AcceptedLegFactory.buildProtocol} returns L{None} over a limit,
+        and logs the refusal.
+        """
+        from twisted.internet.address import IPv4Address
+
+        table = FlowTable(maxFlows=0, maxFlowsPerSource=10)
+        context = ListenerContext(
+            None,
+            ListenerSettings("tcp:0", ConnectMode.EARLY, NextHop(HostPort("192.0.2.9", 1))),
+            Limits(),
+            (),
+            table,
+            dialer=object(),  # type: ignore[arg-type]
+        )
+        with capturedLogs() as events:
+            leg = AcceptedLegFactory(context).buildProtocol(
+                IPv4Address("TCP", "192.0.2.1", 1)
+            )
+        self.assertIsNone(leg)
+        self.assertEqual(table.refused, 1)
+        [event] = [e for e in events if e.get("outcome") == "refused"]
+        self.assertEqual(event["client"], "192.0.2.1")
+        self.assertEqual(event["listener"], "tcp:0")
+
+    def test_outgoingLegBound(self) -> None:
+        """
+        L{OutgoingLegFactory} makes legs bound to its flow.
+        """
+        flow = object()
+        factory = OutgoingLegFactory(flow)  # type: ignore[arg-type]
+        leg = factory.buildProtocol(None)
+        self.assertIsInstance(leg, OutgoingLeg)
+        self.assertIs(leg.flow, flow)
+        self.assertIs(leg.factory, factory)
+
+
+@implementer(IHalfCloseableProtocol)
+class CountingServer(Protocol):
+    """
+    Counts the bytes it receives until the FIN, then closes.
+    """
+
+    def __init__(self, done: defer.Deferred) -> None:
+        self.received = 0
+        self.done = done
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += len(data)
+
+    def readConnectionLost(self) -> None:
+        self.transport.loseConnection()  # type: ignore[union-attr]
+        self.done.callback(self.received)
+
+    def writeConnectionLost(self) -> None:
+        pass
+
+
+@implementer(IHalfCloseableProtocol)
+class HalfClosingClient(Protocol):
+    """
+    Sends a FIN at once and waits for the end of the connection.
+    """
+
+    def __init__(self, lost: defer.Deferred) -> None:
+        self.lost = lost
+
+    def connectionMade(self) -> None:
+        self.transport.loseWriteConnection()  # type: ignore[union-attr]
+
+    def readConnectionLost(self) -> None:
+        self.transport.loseConnection()  # type: ignore[union-attr]
+
+    def writeConnectionLost(self) -> None:
+        pass
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        self.lost.callback(None)
+
+
+class RealSocketTests(unittest.TestCase):
+    """
+    The legs on real loopback sockets.
+    """
+
+    timeout = 30
+
+    def proxyTo(
+        self, serverProtocol: Any, functions: Any, limits: Limits
+    ) -> tuple[int, defer.Deferred]:
+        """
+        Listen with C{serverProtocol} and with a proxy to it, on loopback;
+        everything is torn down after the test, even if it failed.
+
+        @return: The proxy's port and a L{Deferred} firing with the flow once
+            it closed.
+        """
+        from twisted.internet import reactor, task
+
+        servers: list[Protocol] = []
+
+        def makeServer() -> Protocol:
+            server = serverProtocol()
+            servers.append(server)
+            return server
+
+        serverPort = reactor.listenTCP(
+            0, Factory.forProtocol(makeServer), interface="127.0.0.1"
+        )
+        flowClosed: defer.Deferred = defer.Deferred()
+        table = FlowTable(10, 10)
+        context = ListenerContext(
+            reactor,
+            ListenerSettings(
+                "tcp:0",
+                ConnectMode.EARLY,
+                NextHop(HostPort("127.0.0.1", serverPort.getHost().port)),
+            ),
+            limits,
+            functions,
+            table,
+            onFlowClosed=flowClosed.callback,
+        )
+        proxyPort = reactor.listenTCP(0, AcceptedLegFactory(context), interface="127.0.0.1")
+
+        def cleanUp() -> defer.Deferred:
+            # Only a failed test leaves connections behind: reset them and
+            # let their connectionLost run.
+            for flow in list(table.flows):
+                flow.abort("test over")
+            for server in servers:
+                if server.transport is not None and server.transport.connected:  # type: ignore[attr-defined]
+                    server.transport.abortConnection()  # type: ignore[attr-defined]
+            return defer.gatherResults(
+                [
+                    defer.maybeDeferred(serverPort.stopListening),
+                    defer.maybeDeferred(proxyPort.stopListening),
+                ]
+            ).addCallback(lambda _: task.deferLater(reactor, 0, lambda: None))
+
+        self.addCleanup(cleanUp)
+        return proxyPort.getHost().port, flowClosed
+
+    def connectClient(self, client: Protocol) -> None:
+        """
+        Reset C{client} after the test if it is still connected.
+        """
+
+        def cleanUp() -> None:
+            if client.transport is not None and client.transport.connected:  # type: ignore[attr-defined]
+                client.transport.abortConnection()  # type: ignore[attr-defined]
+
+        self.addCleanup(cleanUp)
+
+    def test_finAfterReleaseWithPausedProducer(self) -> None:
+        """
+        A function that takes the client's FIN over, releases a large
+        buffer to the server and then half-closes: the write fills the
+        outgoing transport's buffer, which pauses the (read-closed) client
+        leg.  The FIN still reaches the server after every byte, the hook
+        runs once, and the flow closes cleanly.
+
+        Before the fix the drained buffer resumed the client leg, which read
+        the end of file again: the hook ran again and again and the FIN was
+        never sent.
+        """
+        from twisted.internet import reactor
+        from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+
+        size = 4 * 1024 * 1024
+        hookCalls = []
+
+        def release(flow: Flow) -> Verdict:
+            hookCalls.append(flow)
+            flow.writeToServer(b"r" * size)
+            flow.halfCloseToServer()
+            return STOP
+
+        serverDone: defer.Deferred = defer.Deferred()
+        port, flowClosed = self.proxyTo(
+            lambda: CountingServer(serverDone),
+            [("release", RecordingFunction(verdicts={"clientHalfClosed": release}))],
+            Limits(maxBuffer=4096),
+        )
+        clientLost: defer.Deferred = defer.Deferred()
+        client = HalfClosingClient(clientLost)
+        self.connectClient(client)
+        connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), client)
+
+        def check(results: list[Any]) -> None:
+            received, flow, _ = results
+            self.assertEqual(received, size)
+            self.assertEqual(len(hookCalls), 1)
+            self.assertIs(flow.outcome, Outcome.OK)
+            self.assertEqual(flow.bytesFromClient, 0)
+
+        return defer.gatherResults([serverDone, flowClosed, clientLost]).addCallback(check)
+
+    def test_relay(self) -> None:
+        """
+        Bytes cross a real flow both ways with half-closes, exactly.
+        """
+        from twisted.internet import reactor
+        from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+
+        up = bytes(range(256)) * 4096
+        down = bytes(reversed(range(256))) * 2048
+        serverGot: defer.Deferred = defer.Deferred()
+        clientGot: defer.Deferred = defer.Deferred()
+
+        @implementer(IHalfCloseableProtocol)
+        class Peer(Protocol):
+            def __init__(self, send: bytes, got: defer.Deferred) -> None:
+                self.send = send
+                self.got: list[bytes] = []
+                self.done = got
+
+            def connectionMade(self) -> None:
+                self.transport.write(self.send)  # type: ignore[union-attr]
+                self.transport.loseWriteConnection()  # type: ignore[union-attr]
+
+            def dataReceived(self, data: bytes) -> None:
+                self.got.append(data)
+
+            def readConnectionLost(self) -> None:
+                self.transport.loseConnection()  # type: ignore[union-attr]
+
+            def writeConnectionLost(self) -> None:
+                pass
+
+            def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+                self.done.callback(b"".join(self.got))
+
+        port, flowClosed = self.proxyTo(
+            lambda: Peer(down, serverGot), (), Limits(maxBuffer=8192)
+        )
+        client = Peer(up, clientGot)
+        self.connectClient(client)
+        connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), client)
+
+        def check(results: list[Any]) -> None:
+            atServer, atClient, flow = results
+            self.assertEqual(atServer, up)
+            self.assertEqual(atClient, down)
+            self.assertIs(flow.outcome, Outcome.OK)
+            self.assertEqual((flow.bytesFromClient, flow.bytesFromServer), (len(up), len(down)))
+
+        return defer.gatherResults([serverGot, clientGot, flowClosed]).addCallback(check)
