@@ -243,7 +243,7 @@ class TransparentServerEndpoint:
                         self.interface,
                         self.port,
                         PermissionError(errno.EPERM, CAPABILITY_MESSAGE),
-                    ) from e
+                    ) from None
                 raise
             if self.addressFamily == socket.AF_INET6:
                 sock.bind((self.interface, self.port, 0, 0))
