@@ -772,21 +772,30 @@ def pollUntil(
     return d
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(
+    argv: Sequence[str] | None = None, out: IO[str] | None = None, err: IO[str] | None = None
+) -> int:
     """
     C{python -m miniproxy.testbed.netns --cleanup [PREFIX]}: delete
     left-over namespaces (see L{cleanupStale}) and print their names.
+
+    @param argv: The arguments (default: C{sys.argv[1:]}).
+    @param out: Where the names go (default: standard output).
+    @param err: Where errors go (default: standard error).
+    @return: The exit status.
     """
+    out = out if out is not None else sys.stdout
+    err = err if err is not None else sys.stderr
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] != "--cleanup" or len(args) > 2:
-        sys.stderr.write("usage: python -m miniproxy.testbed.netns --cleanup [PREFIX]\n")
+        err.write("usage: python -m miniproxy.testbed.netns --cleanup [PREFIX]\n")
         return 2
     prefix = args[1] if len(args) > 1 else None
     if prefix is not None and not prefix.startswith(NAME_START):
-        sys.stderr.write(f"refusing prefix {prefix!r}: it must start with {NAME_START!r}\n")
+        err.write(f"refusing prefix {prefix!r}: it must start with {NAME_START!r}\n")
         return 2
     for name in cleanupStale(prefix):
-        sys.stdout.write(f"deleted {name}\n")
+        out.write(f"deleted {name}\n")
     return 0
 
 
