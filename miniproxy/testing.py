@@ -55,7 +55,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from miniproxy.address import HostPort, NextHop
-from miniproxy.flow import ConnectMode, Flow
+from miniproxy.flow import ConnectMode, Flow, Moment
 from miniproxy.flowtable import FlowTable
 from miniproxy.interfaces import IFlowHandler, IFlowHandlerFactory, IProxyFunction
 from miniproxy.legs import AcceptedLeg, AcceptedLegFactory, Leg, OutgoingLeg
@@ -595,6 +595,35 @@ class FlowHarness:
         self.flush()
         return driver
 
+    def syn(self, client: HostPort | None = None, local: HostPort | None = None) -> FlowDriver:
+        """
+        A SYN tap sees a client's SYN: the flow begins at L{Moment.SYN}
+        (its early-SYN hooks run and, in C{early} mode, its outgoing leg
+        starts) before the client's handshake is complete.  Complete it
+        with L{FlowDriver.handshakeCompletes}.
+
+        This drives the flow itself, as the service's SYN handling does
+        once it matched the SYN to this listener; the matching (and the
+        pending-SYN bounds) are not part of the harness.
+
+        @param client: The client's address; C{self.client} by default.
+        @param local: The address the SYN is for; C{self.local} by default.
+        @return: The driver of the new flow.  Its C{refusedAtAccept} tells
+            whether the flow table refused it; it then has no flow.
+        """
+        client = client if client is not None else self.client
+        local = local if local is not None else self.local
+        driver = FlowDriver(self, client, local)
+        self.drivers.append(driver)
+        if self.table.admit(client.host) is not None:
+            driver.refusedAtAccept = True
+            return driver
+        flow = Flow(self.context, client, local)
+        driver._synFlow = flow
+        flow.begin(Moment.SYN)
+        self.flush()
+        return driver
+
 
 class FlowDriver:
     """
@@ -619,6 +648,7 @@ class FlowDriver:
         self.refusedAtAccept = False
         self.acceptedLeg: AcceptedLeg | None = None
         self.clientTransport: MemoryLegTransport | None = None
+        self._synFlow: Flow | None = None
 
     def __repr__(self) -> str:
         return f"<FlowDriver {self.flow!r}>"
@@ -628,7 +658,39 @@ class FlowDriver:
         """
         The real L{Flow}, or L{None} if the listener refused the connection.
         """
-        return self.acceptedLeg.flow if self.acceptedLeg is not None else None
+        if self.acceptedLeg is not None:
+            return self.acceptedLeg.flow
+        return self._synFlow
+
+    def handshakeCompletes(self) -> AcceptedLeg:
+        """
+        The kernel hands over the connection of a flow begun at
+        L{FlowHarness.syn}: the accepted leg joins that flow (which may
+        already be connected upstream, or over) and its accepted hooks
+        run.
+
+        @raise RuntimeError: If the flow was not begun at a SYN, or already
+            has its accepted leg.
+        @return: The accepted leg.
+        """
+        flow = self._synFlow
+        if flow is None or self.acceptedLeg is not None:
+            raise RuntimeError("no flow begun at a SYN is waiting for its accept")
+        leg = AcceptedLeg()
+        leg.factory = self.harness.factory
+        leg.flow = flow
+        transport = MemoryLegTransport(
+            self.harness, leg, _address(self.local), _address(self.client)
+        )
+        self.acceptedLeg = leg
+        self.clientTransport = transport
+        # What makeConnection does, without connectionMade (which would
+        # look the flow up): the listener already knows it.
+        leg.connected = 1
+        leg.transport = transport
+        flow.acceptedLegMade(leg)
+        self.harness.flush()
+        return leg
 
     # -- the outgoing leg -----------------------------------------------
 
@@ -724,7 +786,7 @@ class FlowDriver:
 
     def _client(self) -> MemoryLegTransport:
         if self.clientTransport is None:
-            raise RuntimeError("the listener refused this connection")
+            raise RuntimeError("no accepted leg: refused, or still at its SYN")
         return self.clientTransport
 
     def _server(self) -> MemoryLegTransport:

@@ -1253,3 +1253,140 @@ class AccessLogTests(FlowTestCase):
         outcomes = sorted(e["outcome"] for e in accessEvents(events))
         self.assertEqual(outcomes, ["connect-failed", "idle-timeout", "ok", "reset"])
         self.assertEqual(len(harness.closedFlows), 4)
+
+
+class SynTests(FlowTestCase):
+    """
+    A flow begun at its SYN, before the client's handshake completes.
+    """
+
+    def test_earlyConnect(self) -> None:
+        """
+        In C{early} mode the outgoing leg starts at the SYN; the accepted
+        hooks run at the accept.
+        """
+        recorder = RecordingFunction()
+        harness = self.harness(recorder)
+        harness.advance(1)
+        driver = harness.syn()
+        assert driver.flow is not None
+        self.assertEqual(driver.flow.times.synSeen, 1.0)
+        self.assertIsNone(driver.flow.times.accepted)
+        self.assertIs(driver.flow.startedBy, Moment.SYN)
+        self.assertEqual(driver.dialed, SERVER)
+        self.assertEqual(recorder.hooks(), ["earlySyn"])
+        self.assertIn(driver.flow, harness.table.flows)
+        harness.advance(0.5)
+        driver.connectOutgoing()
+        harness.advance(0.5)
+        driver.handshakeCompletes()
+        self.assertEqual(driver.flow.times.accepted, 2.0)
+        self.assertEqual(recorder.hooks(), ["earlySyn", "outgoingConnected", "accepted"])
+        driver.clientSends(b"up")
+        driver.serverSends(b"down")
+        self.assertEqual((driver.sentToServer(), driver.sentToClient()), (b"up", b"down"))
+        driver.clientHalfCloses()
+        driver.serverHalfCloses()
+        self.assertClosed(harness, driver, Outcome.OK)
+
+    def test_serverSpeaksFirst(self) -> None:
+        """
+        What the server sends before the accept (a banner) is held, within
+        the buffer bound: past it the outgoing leg is paused until the
+        accept delivers everything, in order.
+        """
+        harness = self.harness(limits=Limits(maxBuffer=4096, idleTimeout=0))
+        driver = harness.syn()
+        driver.connectOutgoing()
+        driver.serverSends(b"220 " + b"x" * 2000)
+        self.assertFalse(driver.serverLegPaused)
+        driver.serverSends(b"y" * 100)
+        self.assertTrue(driver.serverLegPaused)
+        driver.serverSends(b"z" * 3000)
+        assert driver.serverTransport is not None
+        self.assertEqual(driver.serverTransport.pendingFromPeer, 3000)
+        driver.handshakeCompletes()
+        self.assertFalse(driver.serverLegPaused)
+        self.assertEqual(driver.sentToClient(), b"220 " + b"x" * 2000 + b"y" * 100 + b"z" * 3000)
+
+    def test_pairedAtAccept(self) -> None:
+        """
+        The legs are paired at the accept: backpressure works both ways.
+        """
+        harness = self.harness()
+        driver = harness.syn()
+        driver.connectOutgoing()
+        driver.handshakeCompletes()
+        driver.clientStopsReading()
+        self.assertTrue(driver.serverLegPaused)
+        driver.clientResumesReading()
+        driver.serverStopsReading()
+        self.assertTrue(driver.clientLegPaused)
+
+    def test_serverFinBeforeAccept(self) -> None:
+        """
+        A FIN from the server before the accept is sent to the client after
+        the bytes before it.
+        """
+        harness = self.harness()
+        driver = harness.syn()
+        driver.connectOutgoing()
+        driver.serverSends(b"bye")
+        driver.serverHalfCloses()
+        self.assertFalse(driver.closed)
+        driver.handshakeCompletes()
+        self.assertEqual(driver.sentToClient(), b"bye")
+        self.assertTrue(driver.finSentToClient)
+        driver.clientHalfCloses()
+        self.assertClosed(harness, driver, Outcome.OK)
+
+    def test_refusedAtSyn(self) -> None:
+        """
+        A flow refused at its SYN is closed at once (and logged with its
+        SYN time); its accepted leg is closed when it comes.
+        """
+        with capturedLogs() as events:
+            harness = self.harness(to=None, transparent=True)
+            driver = harness.syn()
+            self.assertTrue(driver.closed)
+            driver.handshakeCompletes()
+        self.assertTrue(driver.clientLegClosed)
+        self.assertClosed(harness, driver, Outcome.REFUSED)
+        [event] = accessEvents(events)
+        self.assertEqual(event["durationMs"], "0.0ms")
+
+    def test_failedBeforeAccept(self) -> None:
+        """
+        An outgoing leg that fails before the accept ends the flow; an
+        answer a function wrote is lost with the client leg never there.
+        """
+        harness = self.harness()
+        driver = harness.syn()
+        driver.failOutgoing()
+        self.assertClosed(harness, driver, Outcome.CONNECT_FAILED)
+        driver.handshakeCompletes()
+        self.assertTrue(driver.clientLegClosed)
+        self.assertEqual(harness.closedFlows.count(driver.flow), 1)
+
+    def test_acceptMode(self) -> None:
+        """
+        In C{accept} mode a flow begun at its SYN still waits for the
+        accept to start its outgoing leg.
+        """
+        harness = self.harness(mode=ConnectMode.ACCEPT)
+        driver = harness.syn()
+        self.assertIsNone(driver.dialed)
+        driver.handshakeCompletes()
+        assert driver.flow is not None
+        self.assertIs(driver.flow.startedBy, Moment.ACCEPT)
+
+    def test_misuse(self) -> None:
+        """
+        Only a flow begun at its SYN completes a handshake, once.
+        """
+        harness = self.harness()
+        self.assertRaises(RuntimeError, harness.accept().handshakeCompletes)
+        driver = harness.syn()
+        self.assertRaises(RuntimeError, driver.clientSends, b"x")
+        driver.handshakeCompletes()
+        self.assertRaises(RuntimeError, driver.handshakeCompletes)
