@@ -555,9 +555,14 @@ class Flow:
         self._finToServer = True
         if self._outgoing is not None:
             self._shutdownWrite(self._outgoing)
-        elif self.startedBy is None and self.outcome is None:
+        elif (
+            self.startedBy is None
+            and self.outcome is None
+            and self.mode is ConnectMode.FIRST_DATA
+        ):
             # In first-data mode a client that sends nothing but a FIN still
-            # reaches the server: it may speak first.
+            # reaches the server: it may speak first.  (In the other modes
+            # the FIN waits for the outgoing leg their moment starts.)
             self._startOutgoing(Moment.FIRST_DATA)
 
     def halfCloseToClient(self) -> None:
@@ -598,6 +603,11 @@ class Flow:
         """
         See L{IFlow.close}.
         """
+        if self._accepted is None:
+            # Closed at the SYN, before the accept: nothing is to come from
+            # the client, so the flow ends now (cleanly) and its accepted
+            # leg is closed when it comes, instead of the flow going on.
+            self._setOutcome(Outcome.OK, None)
         self._cancelConnecting()
         for leg in (self._accepted, self._outgoing):
             if leg is not None:

@@ -1390,3 +1390,45 @@ class SynTests(FlowTestCase):
         self.assertRaises(RuntimeError, driver.clientSends, b"x")
         driver.handshakeCompletes()
         self.assertRaises(RuntimeError, driver.handshakeCompletes)
+
+    def test_closedAtSyn(self) -> None:
+        """
+        A flow a function closes at its SYN ends cleanly at once; its
+        accepted leg is closed when it comes, and the flow is not started
+        again.
+        """
+
+        def close(flow: Flow) -> Verdict:
+            flow.close()
+            return CONTINUE
+
+        harness = self.harness(RecordingFunction(verdicts={"earlySyn": close}))
+        driver = harness.syn()
+        self.assertIsNone(driver.dialed)
+        self.assertTrue(driver.closed)
+        driver.handshakeCompletes()
+        self.assertTrue(driver.clientLegClosed)
+        self.assertIsNone(driver.dialed)
+        self.assertClosed(harness, driver, Outcome.OK)
+
+    def test_finFromFunctionWaitsForMode(self) -> None:
+        """
+        In C{accept} mode, a FIN a function sends to the server at the SYN
+        waits for the outgoing leg the accept starts; it does not start one
+        itself.
+        """
+
+        def fin(flow: Flow) -> Verdict:
+            flow.halfCloseToServer()
+            return CONTINUE
+
+        harness = self.harness(
+            RecordingFunction(verdicts={"earlySyn": fin}), mode=ConnectMode.ACCEPT
+        )
+        driver = harness.syn()
+        self.assertIsNone(driver.dialed)
+        driver.handshakeCompletes()
+        assert driver.flow is not None
+        self.assertIs(driver.flow.startedBy, Moment.ACCEPT)
+        driver.connectOutgoing()
+        self.assertTrue(driver.finSentToServer)
