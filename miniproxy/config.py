@@ -9,6 +9,7 @@ and, for a file, the file.  See C{docs/configuration.md} for the reference.
 
 from __future__ import annotations
 
+import ipaddress
 import tomllib
 from typing import Any, Mapping
 
@@ -33,10 +34,25 @@ _LIMIT_KEYS: dict[str, tuple[str, type]] = {
     "max-flows": ("maxFlows", int),
     "max-flows-per-source": ("maxFlowsPerSource", int),
     "listen-backlog": ("listenBacklog", int),
+    "max-pending-syns": ("maxPendingSyns", int),
+    "max-pending-syns-per-source": ("maxPendingSynsPerSource", int),
+    "syn-timeout": ("synTimeout", float),
 }
 
 _TOP_KEYS = {"listen", "to", "mode", "functions", "limits", "listeners", "function"}
-_LISTENER_KEYS = {"endpoint", "to", "mode", "transparent"}
+_LISTENER_KEYS = {
+    "endpoint",
+    "to",
+    "mode",
+    "transparent",
+    "syn-tap",
+    "syn-ports",
+    "explicit",
+    "trusted",
+}
+
+#: The carriers of an explicit destination a listener can read.
+EXPLICIT_CARRIERS = ("tcp-option",)
 
 
 @frozen
@@ -230,7 +246,51 @@ def _listener(
         )
     if transparent:
         to = None
-    return ListenerSettings(endpoint=endpoint, mode=mode, to=to, transparent=transparent)
+    synTap = table.get("syn-tap", True)
+    if not isinstance(synTap, bool):
+        raise ConfigError(f"{key}.syn-tap: must be true or false, not {synTap!r}")
+    synPorts = table.get("syn-ports", [])
+    if not isinstance(synPorts, list) or not all(
+        isinstance(p, int) and not isinstance(p, bool) and 0 < p < 65536 for p in synPorts
+    ):
+        raise ConfigError(f"{key}.syn-ports: must be a list of ports, not {synPorts!r}")
+    if synPorts and not transparent:
+        raise ConfigError(
+            f"{key}.syn-ports: only a transparent listener takes syn-ports; "
+            f"others tap their own port"
+        )
+    explicit = table.get("explicit", [])
+    if not isinstance(explicit, list) or any(c not in EXPLICIT_CARRIERS for c in explicit):
+        raise ConfigError(
+            f"{key}.explicit: must be a list of {', '.join(EXPLICIT_CARRIERS)}, "
+            f"not {explicit!r}"
+        )
+    trustedValue = table.get("trusted", [])
+    if not isinstance(trustedValue, list):
+        raise ConfigError(f"{key}.trusted: must be a list of CIDRs, not {trustedValue!r}")
+    trusted = []
+    for i, cidr in enumerate(trustedValue):
+        try:
+            trusted.append(ipaddress.ip_network(cidr, strict=False))
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}.trusted[{i}]: bad CIDR {cidr!r}") from None
+    if explicit and not trusted:
+        raise ConfigError(
+            f"{key}.trusted: a listener reading explicit destinations must say "
+            f"which peers it trusts"
+        )
+    if explicit and transparent:
+        raise ConfigError(f"{key}.explicit: a transparent listener takes no explicit carrier")
+    return ListenerSettings(
+        endpoint=endpoint,
+        mode=mode,
+        to=to,
+        transparent=transparent,
+        synTap=synTap,
+        synPorts=tuple(synPorts),
+        explicit=tuple(explicit),
+        trusted=tuple(trusted),
+    )
 
 
 def loadConfig(path: str, **overrides: Any) -> ServiceConfig:

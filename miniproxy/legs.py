@@ -211,14 +211,18 @@ class AcceptedLeg(Leg):
         """
         context = self.factory.context
         transport: Any = self.transport
-        flow = Flow(
-            context,
-            HostPort.fromAddress(transport.getPeer()),
-            HostPort.fromAddress(transport.getHost()),
-        )
-        self.flow = flow
-        context.prepareFlow(flow, transport)
-        flow.begin(Moment.ACCEPT)
+        client = HostPort.fromAddress(transport.getPeer())
+        local = HostPort.fromAddress(transport.getHost())
+        early = context.early
+        flow = early.claim(client, local) if early is not None else None
+        if flow is None:
+            flow = Flow(context, client, local)
+            self.flow = flow
+            context.prepareFlow(flow, transport)
+            flow.begin(Moment.ACCEPT)
+        else:
+            # Begun at its SYN: its outgoing leg may be connected already.
+            self.flow = flow
         flow.acceptedLegMade(self)
 
     def dataReceived(self, data: bytes) -> None:
@@ -272,7 +276,14 @@ class AcceptedLegFactory(Factory):
         limit is reached.
         """
         host = getattr(addr, "host", "?")
-        refusal = self.context.table.admit(host)
+        early = self.context.early
+        if early is not None and early.isPending(
+            HostPort(host, getattr(addr, "port", 0))
+        ):
+            # Admitted at its SYN already.
+            refusal = None
+        else:
+            refusal = self.context.table.admit(host)
         if refusal is not None:
             self.context.refusedAtAccept(host, refusal)
             return None

@@ -27,6 +27,11 @@ class Limits:
         accept.
     @ivar maxFlowsPerSource: Flows open at once from one client address.
     @ivar listenBacklog: The listen(2) backlog of each listener.
+    @ivar maxPendingSyns: Flows begun at their SYN and still waiting for
+        accept, in total.  SYNs past it connect at accept (SYN flood guard).
+    @ivar maxPendingSynsPerSource: The same, per client address.
+    @ivar synTimeout: Seconds a flow begun at its SYN waits for the
+        client's handshake to complete before it is aborted.
     """
 
     maxBuffer: int = DEFAULT_MAX_BUFFER
@@ -35,6 +40,9 @@ class Limits:
     maxFlows: int = 10000
     maxFlowsPerSource: int = 256
     listenBacklog: int = 1024
+    maxPendingSyns: int = 1024
+    maxPendingSynsPerSource: int = 64
+    synTimeout: float = 5.0
 
     @property
     def readSize(self) -> int:

@@ -39,6 +39,15 @@ class ListenerSettings:
         one whose functions choose the next hop.
     @ivar transparent: Whether flows are intercepted and their original
         destination is their destination.
+    @ivar synTap: Whether, in C{early} mode, a SYN tap starts flows at the
+        client's SYN (when the process has C{CAP_NET_RAW}).
+    @ivar synPorts: For a transparent listener, the intercepted destination
+        ports whose SYNs the tap watches (its own port is never the SYN's
+        destination there).
+    @ivar explicit: The carriers of an explicit destination this listener
+        reads: C{"tcp-option"} (the flow address TCP option in the SYN).
+    @ivar trusted: The networks whose explicit carriers are believed;
+        a carrier from anyone else refuses the flow.
     """
 
     endpoint: str
@@ -46,6 +55,10 @@ class ListenerSettings:
     to: NextHop | None = None
     transparent: bool = False
     functionNames: tuple[str, ...] = field(default=())
+    synTap: bool = True
+    synPorts: tuple[int, ...] = ()
+    explicit: tuple[str, ...] = ()
+    trusted: tuple[Any, ...] = ()
 
 
 def originalDestination(transport: Any) -> HostPort:
@@ -103,7 +116,11 @@ class ListenerContext:
     @ivar table: The service's open flows.
     @ivar onFlowClosed: Called with each flow once it is closed, after the
         access log line (for tests and metrics).
+    @ivar early: The service's L{miniproxy.earlysyn.EarlySyns}, through
+        which accepted legs claim the flows begun at their SYN, or L{None}.
     """
+
+    early: Any = None
 
     def __init__(
         self,
@@ -140,6 +157,41 @@ class ListenerContext:
         """
         if self.transparent and flow.destinationSource is DestinationSource.TRANSPARENT:
             flow.destination = originalDestination(transport)
+
+    def isTrusted(self, client: HostPort) -> bool:
+        """
+        Whether C{client} may tell this listener a flow's destination.
+        """
+        ip = client.ipAddress()
+        if ip is not None and ip.version == 6 and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        return ip is not None and any(ip in net for net in self.settings.trusted)
+
+    def prepareFlowAtSyn(self, flow: Any, segment: Any) -> str | None:
+        """
+        Fill in what the SYN tells about a new flow: an explicit destination
+        carried in the flow address TCP option.
+
+        @return: L{None}, or why the flow must be refused (a carrier from an
+            untrusted peer, a malformed carrier).
+        """
+        if "tcp-option" not in self.settings.explicit:
+            return None
+        from miniproxy.wire import tcpoption
+        from miniproxy.wire.errors import MalformedInput
+
+        try:
+            option = tcpoption.find(list(segment.options))
+        except MalformedInput as e:
+            return f"malformed flow address option: {e}"
+        if option is None:
+            return None
+        if not self.isTrusted(flow.client):
+            return f"explicit destination from untrusted peer {flow.client.host}"
+        flow.destination = option.destination
+        flow.destinationSource = DestinationSource.EXPLICIT
+        # A static "to" stays the next hop (the next proxy of a chain).
+        return None
 
     def refusedAtAccept(self, host: str, reason: str) -> None:
         """

@@ -11,11 +11,15 @@ from typing import Any, Callable
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService
+from twisted.internet.defer import Deferred, FirstError, gatherResults
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from miniproxy.config import ServiceConfig
+from miniproxy.earlysyn import EarlySyns
 from miniproxy.errors import ConfigError, FunctionError
+from miniproxy.flow import ConnectMode
 from miniproxy.flowtable import FlowTable
 from miniproxy.functions.discovery import getFunctions
 from miniproxy.interfaces import IFlowHandlerFactory
@@ -96,6 +100,7 @@ class ProxyService(MultiService):
             functions if functions is not None else configureFunctions(config, reactor)
         )
         self.onFlowClosed = onFlowClosed
+        self.early = EarlySyns(reactor, config.limits)
         self.listeners: list[StreamServerEndpointService] = []
         for settings in config.listeners:
             self._makeListener(settings)
@@ -115,7 +120,10 @@ class ProxyService(MultiService):
             )
         except (ValueError, TypeError, KeyError) as e:
             raise ConfigError(f"bad listen endpoint {settings.endpoint!r}: {e}") from None
+        if settings.mode is ConnectMode.EARLY and settings.synTap:
+            context.early = self.early
         service = StreamServerEndpointService(endpoint, AcceptedLegFactory(context))
+        service.listenerContext = context  # type: ignore[attr-defined]
         # Fail twistd's start-up when a port cannot be bound, instead of
         # logging and running with no listener.
         service._raiseSynchronously = True
@@ -133,13 +141,87 @@ class ProxyService(MultiService):
         service = self._makeListener(settings)
         if self.running and not service.running:
             service.startService()
+        if self.running:
+            self._announce(service)
         return service._waitingForPort
+
+    def startService(self) -> None:
+        """
+        Start every listener, and log the address each one is bound to once
+        it listens (so that C{tcp:0} listeners report their port).
+        """
+        super().startService()
+        for service in self.listeners:
+            self._announce(service)
+
+    def _announce(self, service: StreamServerEndpointService) -> None:
+        def announce(port: Any) -> Any:
+            address = port.getHost()
+            _log.info(
+                "miniproxy listening on {host}:{port}",
+                host=getattr(address, "host", address),
+                port=getattr(address, "port", ""),
+            )
+            return port
+
+        if service._waitingForPort is not None:
+            service._waitingForPort.addCallback(announce)
+            service._waitingForPort.addCallback(self._tap, service)
+
+    def _tap(self, port: Any, service: StreamServerEndpointService) -> Any:
+        """
+        Start the SYN tap for an early-mode listener once it listens.
+        """
+        context = service.listenerContext  # type: ignore[attr-defined]
+        if context.early is None:
+            return port
+        settings = context.settings
+        address = port.getHost()
+        if settings.transparent:
+            if not settings.synPorts:
+                _log.info(
+                    "{endpoint}: no syn-ports configured; transparent flows start "
+                    "at accept",
+                    endpoint=settings.endpoint,
+                )
+                return port
+            self.early.register(context, None, set(settings.synPorts))
+        else:
+            self.early.register(context, address.host, {address.port})
+        return port
+
+    def whenListening(self) -> Deferred:
+        """
+        The listening ports of every listener, once all of them listen.
+        Call it after L{startService}.
+
+        @return: A L{Deferred} firing with the list of
+            L{twisted.internet.interfaces.IListeningPort}, in the order of
+            C{listeners}, or failing if a listener could not listen.
+        """
+        waiting = []
+        for service in self.listeners:
+            port: Deferred = Deferred()
+
+            def forward(result: Any, port: Deferred = port) -> Any:
+                if isinstance(result, Failure):
+                    port.errback(result)
+                else:
+                    port.callback(result)
+                return result
+
+            service._waitingForPort.addBoth(forward)
+            waiting.append(port)
+        return gatherResults(waiting, consumeErrors=True).addErrback(
+            lambda f: f.value.subFailure if f.check(FirstError) else f
+        )
 
     def stopService(self) -> Any:
         """
         Stop listening, then reset the flows still open.
         """
         d = super().stopService()
+        self.early.stop()
 
         def closeFlows(result: object) -> object:
             for flow in list(self.table.flows):

@@ -145,6 +145,14 @@ class SynTap:
         self._sock = sock
         self.reactor.addReader(self)
 
+    def setPorts(self, ports: Iterable[int]) -> None:
+        """
+        Tap these ports from now on (the filter is replaced in place).
+        """
+        self.ports = frozenset(ports)
+        if self._sock is not None:
+            attachFilter(self._sock, synFilter(self.ports, self.family == socket.AF_INET))
+
     def stop(self) -> None:
         """
         Stop reading and close the raw socket.  Stopping twice is harmless.

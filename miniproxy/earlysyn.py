@@ -1,0 +1,268 @@
+# -*- test-case-name: tests.test_earlysyn -*-
+"""
+Early SYN forwarding: flows begun at their SYN, waiting for C{accept()}.
+
+The L{SynTap} reports each SYN to L{EarlySyns}, which finds the listener it
+is for, makes the L{Flow} and begins it at L{Moment.SYN}: the functions'
+early-SYN hooks run and, in C{early} mode, the outgoing leg starts at once.
+When the kernel hands over the accepted connection, the accepted leg claims
+its flow by the client's address and port and pairs with the outgoing leg
+already under way.
+
+A SYN flood must not become a connection flood towards upstream: pending
+flows are bounded in total and per source.  A SYN past a bound is counted
+(and logged once per interval) and its flow simply starts at accept, as
+without a tap.  A handshake that never completes is given up after
+C{Limits.synTimeout}: its flow is aborted and its outgoing leg reset.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from typing import Any, Callable
+
+from twisted.logger import Logger
+
+from miniproxy.address import HostPort
+from miniproxy.flow import Flow, Moment
+from miniproxy.limits import Limits
+from miniproxy.syntap import SynTap
+from miniproxy.wire.packet import TCPSegment
+
+_log = Logger(namespace="miniproxy.earlysyn")
+
+#: Seconds between two log lines about SYNs over the pending bounds.
+OVERFLOW_LOG_INTERVAL = 10.0
+
+
+def _canonical(host: str | None) -> str | None:
+    # One spelling per address: an IPv4-mapped IPv6 address is its IPv4.
+    if host is None:
+        return None
+    try:
+        ip = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return host
+    if ip.version == 6 and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return str(ip)
+
+
+def canonicalEndpoint(a: HostPort) -> HostPort:
+    """
+    C{a} with its address in one spelling (IPv4-mapped IPv6 as IPv4).
+    """
+    return HostPort(_canonical(a.host) or a.host, a.port)
+
+
+def sameEndpoint(a: HostPort, b: HostPort) -> bool:
+    """
+    Whether C{a} and C{b} are one address and port, however spelled.
+    """
+    return a.port == b.port and _canonical(a.host) == _canonical(b.host)
+
+
+class _Target:
+    """
+    A listener the tap serves: its context and what SYNs are for it.
+    """
+
+    __slots__ = ("context", "address", "ports")
+
+    def __init__(self, context: Any, address: str | None, ports: frozenset[int]) -> None:
+        self.context = context
+        self.address = None if address in (None, "", "0.0.0.0", "::") else _canonical(address)
+        self.ports = ports
+
+    def matches(self, destination: HostPort) -> bool:
+        if destination.port not in self.ports:
+            return False
+        return self.address is None or self.address == _canonical(destination.host)
+
+
+class EarlySyns:
+    """
+    The service's flows begun at their SYN, and its SYN taps.
+
+    @ivar pending: Flows waiting for accept, by client address.
+    @ivar overflows: SYNs past a pending bound (they connect at accept).
+    @ivar retransmits: SYNs for a flow already pending.
+    @ivar expired: Handshakes that never completed.
+    @ivar available: L{False} once the tap could not be opened (no
+        C{CAP_NET_RAW}).
+    """
+
+    def __init__(
+        self,
+        reactor: Any,
+        limits: Limits,
+        makeTap: Callable[..., SynTap] = SynTap,
+    ) -> None:
+        self.reactor = reactor
+        self.limits = limits
+        self._makeTap = makeTap
+        self._targets: list[_Target] = []
+        self._taps: dict[int, SynTap] = {}
+        self.pending: dict[HostPort, tuple[Flow, Any]] = {}
+        self._perSource: dict[str, int] = {}
+        self.overflows = 0
+        self.retransmits = 0
+        self.expired = 0
+        self._overflowsLogged = 0
+        self._lastOverflowLog: float | None = None
+        self.available = True
+
+    # -- taps ------------------------------------------------------------
+
+    def register(self, context: Any, address: str | None, ports: set[int] | frozenset[int]) -> bool:
+        """
+        Tap SYNs to C{ports} (on C{address}, or any address if L{None}) for
+        the listener of C{context}.
+
+        @return: Whether a tap runs for them; L{False} without
+            C{CAP_NET_RAW} (one log line says so, once).
+        """
+        if not self.available:
+            return False
+        self._targets.append(_Target(context, address, frozenset(ports)))
+        families = {socket.AF_INET, socket.AF_INET6}
+        if address is not None and address not in ("0.0.0.0", "::"):
+            families = {socket.AF_INET6 if ":" in address else socket.AF_INET}
+        allPorts = frozenset().union(*(t.ports for t in self._targets))
+        for family in sorted(families):
+            tap = self._taps.get(family)
+            try:
+                if tap is None:
+                    tap = self._makeTap(self.reactor, family, allPorts, self.synArrived)
+                    tap.start()
+                    self._taps[family] = tap
+                else:
+                    tap.setPorts(allPorts)
+            except OSError as e:
+                self._targets.pop()
+                self.available = False
+                self.stop()
+                _log.warn(
+                    "SYN tap unavailable ({error}); it needs CAP_NET_RAW. "
+                    "Early mode starts outgoing legs at accept instead.",
+                    error=e.strerror or str(e),
+                )
+                return False
+        return True
+
+    def stop(self) -> None:
+        """
+        Close the taps and abort the flows still waiting for accept.
+        """
+        for tap in self._taps.values():
+            tap.stop()
+        self._taps.clear()
+        for client in list(self.pending):
+            flow, timer = self.pending.pop(client)
+            if timer.active():
+                timer.cancel()
+            flow.abort("service stopping")
+        self._perSource.clear()
+
+    # -- SYNs --------------------------------------------------------------
+
+    def synArrived(self, segment: TCPSegment) -> None:
+        """
+        A SYN arrived: begin its flow, unless it is a retransmission, is
+        for no listener, or is over a bound.
+        """
+        target = next(
+            (t for t in self._targets if t.matches(segment.destination)), None
+        )
+        if target is None:
+            return
+        client = canonicalEndpoint(segment.source)
+        if client in self.pending:
+            self.retransmits += 1
+            return
+        limits = self.limits
+        source = client.host
+        if (
+            len(self.pending) >= limits.maxPendingSyns
+            or self._perSource.get(source, 0) >= limits.maxPendingSynsPerSource
+        ):
+            self._overflow()
+            return
+        context = target.context
+        if context.table.admit(source) is not None:
+            # Over the flow limits: accept refuses it, with its log line.
+            return
+        flow = Flow(context, client, segment.destination)
+        refusal = context.prepareFlowAtSyn(flow, segment)
+        timer = self.reactor.callLater(limits.synTimeout, self._expire, client)
+        self.pending[client] = (flow, timer)
+        self._perSource[source] = self._perSource.get(source, 0) + 1
+        if refusal is not None:
+            # Kept pending so the accepted connection is closed at once.
+            flow.refuse(refusal)
+        else:
+            flow.begin(Moment.SYN)
+
+    def _forget(self, client: HostPort) -> tuple[Flow, Any] | None:
+        entry = self.pending.pop(client, None)
+        if entry is None:
+            return None
+        count = self._perSource[client.host] - 1
+        if count:
+            self._perSource[client.host] = count
+        else:
+            del self._perSource[client.host]
+        return entry
+
+    def _expire(self, client: HostPort) -> None:
+        entry = self._forget(client)
+        if entry is not None:
+            self.expired += 1
+            entry[0].abort(
+                f"handshake not completed within {self.limits.synTimeout:g}s"
+            )
+
+    def _overflow(self) -> None:
+        self.overflows += 1
+        now = self.reactor.seconds()
+        last = self._lastOverflowLog
+        if last is None or now - last >= OVERFLOW_LOG_INTERVAL:
+            _log.warn(
+                "{count} SYNs over the pending early-leg bounds ({total} in total, "
+                "{perSource} per source) since the last report; they connect at accept",
+                count=self.overflows - self._overflowsLogged,
+                total=self.limits.maxPendingSyns,
+                perSource=self.limits.maxPendingSynsPerSource,
+            )
+            self._overflowsLogged = self.overflows
+            self._lastOverflowLog = now
+
+    # -- accept ------------------------------------------------------------
+
+    def isPending(self, client: HostPort) -> bool:
+        """
+        Whether a flow from C{client} was begun at its SYN and waits for
+        accept (so it was admitted already).
+        """
+        return canonicalEndpoint(client) in self.pending
+
+    def claim(self, client: HostPort, local: HostPort) -> Flow | None:
+        """
+        The accepted connection from C{client} to C{local} takes its flow.
+
+        @return: The flow begun at the SYN, or L{None} if there is none
+            (then the flow begins at accept).
+        """
+        client = canonicalEndpoint(client)
+        entry = self.pending.get(client)
+        if entry is None:
+            return None
+        flow, timer = entry
+        if not sameEndpoint(flow.local, local):
+            # Another connection of the same client port: leave it to expire.
+            return None
+        self._forget(client)
+        if timer.active():
+            timer.cancel()
+        return flow
