@@ -129,6 +129,10 @@ class NextHop:
         L{None} for the platform's trust store.
     @ivar bindAddress: A local address to bind the outgoing socket to, or
         L{None}.
+    @ivar fastOpen: Whether to connect with TCP Fast Open
+        (C{TCP_FASTOPEN_CONNECT}): the SYN then waits for the first bytes
+        and carries them once the kernel holds a cookie for the server.
+        Plain TCP to an address literal only.
     """
 
     address: HostPort
@@ -136,6 +140,7 @@ class NextHop:
     tlsHostname: str | None = None
     caCertificates: str | None = None
     bindAddress: str | None = field(default=None)
+    fastOpen: bool = False
 
     def __str__(self) -> str:
         return ("tls:" if self.tls else "tcp:") + str(self.address)
@@ -147,7 +152,7 @@ class NextHop:
 
         Accepted forms::
 
-            tcp:host=HOST:port=PORT[:bindAddress=ADDR]
+            tcp:host=HOST:port=PORT[:bindAddress=ADDR][:fastopen=yes]
             tcp:HOST:PORT
             tls:host=HOST:port=PORT[:hostname=NAME][:trustRoots=PEMFILE]
             tls:HOST:PORT
@@ -176,7 +181,7 @@ class NextHop:
         where = f"bad next hop {description!r}"
         if kind not in ("tcp", "tls"):
             raise ConfigError(f"{where}: kind must be tcp or tls, not {kind!r}")
-        known = {"host", "port", "bindAddress", "timeout"}
+        known = {"host", "port", "bindAddress", "timeout", "fastopen"}
         if kind == "tls":
             known |= {"hostname", "trustRoots"}
         unknown = set(kwargs) - known
@@ -194,12 +199,18 @@ class NextHop:
         if "port" not in kwargs:
             raise ConfigError(f"{where}: no port")
         port = _port(kwargs["port"], where)
+        fastOpen = kwargs.get("fastopen", "no")
+        if fastOpen not in ("yes", "no"):
+            raise ConfigError(f"{where}: fastopen must be yes or no, not {fastOpen!r}")
+        if fastOpen == "yes" and kind == "tls":
+            raise ConfigError(f"{where}: fastopen is for plain tcp next hops")
         return cls(
             HostPort(host, port),
             tls=(kind == "tls"),
             tlsHostname=kwargs.get("hostname"),
             caCertificates=kwargs.get("trustRoots"),
             bindAddress=kwargs.get("bindAddress"),
+            fastOpen=(fastOpen == "yes"),
         )
 
     @classmethod

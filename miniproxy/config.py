@@ -49,6 +49,7 @@ _LISTENER_KEYS = {
     "syn-ports",
     "explicit",
     "trusted",
+    "fast-open",
 }
 
 #: The carriers of an explicit destination a listener can read.
@@ -281,7 +282,11 @@ def _listener(
         )
     if explicit and transparent:
         raise ConfigError(f"{key}.explicit: a transparent listener takes no explicit carrier")
+    fastOpen = table.get("fast-open", True)
+    if not isinstance(fastOpen, bool):
+        raise ConfigError(f"{key}.fast-open: must be true or false, not {fastOpen!r}")
     return ListenerSettings(
+        fastOpen=fastOpen,
         endpoint=endpoint,
         mode=mode,
         to=to,

@@ -1,6 +1,14 @@
 # -*- test-case-name: tests.test_connect -*-
 """
 Starting an outgoing leg: from a L{NextHop} to a connected protocol.
+
+A plain TCP next hop is connected with Twisted's TCP client endpoints.  A
+TLS next hop is connected over TCP and then the TLS handshake, with the
+server's certificate verified against the next hop's name by
+service-identity; the outgoing leg is only handed to its flow once the
+handshake succeeded, so that a server that fails verification is a failed
+connection (the flow's C{outgoingFailed} hook runs) and never a flow that
+connected and then broke.  The connect timeout covers the handshake too.
 """
 
 from __future__ import annotations
@@ -8,30 +16,175 @@ from __future__ import annotations
 import ipaddress
 from typing import Any
 
-from twisted.internet.defer import Deferred
+from twisted.internet import error
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.endpoints import (
     HostnameEndpoint,
     TCP4ClientEndpoint,
     TCP6ClientEndpoint,
     wrapClientTLS,
 )
-from twisted.internet.interfaces import IProtocolFactory, IStreamClientEndpoint
+from twisted.internet.interfaces import (
+    IHandshakeListener,
+    IProtocol,
+    IProtocolFactory,
+    IStreamClientEndpoint,
+)
+from twisted.internet.protocol import Factory, Protocol
+from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from miniproxy.address import NextHop
+from miniproxy.tcpclient import SocketOption, TunedTCPClientEndpoint, fastOpenConnect
 
 
-def _tlsOptions(nextHop: NextHop) -> Any:
+class TLSHandshakeError(error.ConnectError):
+    """
+    The TLS handshake with a next hop failed: its certificate did not verify
+    (untrusted, or not for the expected name), or it does not speak TLS.
+
+    @ivar hostname: The name the certificate was checked against.
+    @ivar detail: What went wrong.
+    """
+
+    def __init__(self, hostname: str, detail: str) -> None:
+        super().__init__(detail)
+        self.hostname = hostname
+        self.detail = detail
+
+    def __str__(self) -> str:
+        return f"TLS handshake with {self.hostname} failed: {self.detail}"
+
+
+def describeTLSFailure(reason: Failure) -> str:
+    """
+    A short description of why a TLS handshake failed.
+
+    @param reason: What the TLS layer reported when the connection was
+        lost during the handshake.
+    @return: One line for the access log.
+    """
+    value = reason.value
+    errors = getattr(value, "errors", None)
+    if errors is not None and type(value).__name__ == "VerificationError":
+        # service_identity: the certificate is valid but for another name.
+        names = ", ".join(str(e) for e in errors)
+        return f"certificate does not match the expected name ({names})"
+    args = getattr(value, "args", ())
+    if args and isinstance(args[0], list):
+        # OpenSSL.SSL.Error: a list of (library, function, reason) tuples.
+        reasons = [entry[-1] for entry in args[0] if isinstance(entry, tuple)]
+        if reasons:
+            return "; ".join(str(r) for r in reasons if r) or str(value)
+    if isinstance(value, (error.ConnectionDone, error.ConnectionLost)):
+        return "the server closed the connection during the handshake"
+    return str(value).strip() or type(value).__name__
+
+
+def _loadTrustRoot(path: str) -> Any:
+    from twisted.internet import ssl
+
+    with open(path, "rb") as f:
+        pem = f.read()
+    marker = b"-----END CERTIFICATE-----"
+    blocks = [block + marker for block in pem.split(marker) if b"-----BEGIN" in block]
+    if not blocks:
+        raise ValueError(f"{path}: no PEM certificate found")
+    return ssl.trustRootFromCertificates(
+        [ssl.Certificate.loadPEM(block) for block in blocks]
+    )
+
+
+def tlsOptionsFor(nextHop: NextHop) -> Any:
+    """
+    The client TLS options of a next hop: verify the server's certificate
+    against C{nextHop.tlsHostname} (or its host), trusting the CA
+    certificates of C{nextHop.caCertificates} (every certificate of that
+    PEM file) or, without it, the platform's trust store.
+
+    @raise OSError: If the CA file cannot be read.
+    @raise ValueError: If it holds no certificate.
+    """
     from twisted.internet import ssl
 
     hostname = nextHop.tlsHostname or nextHop.address.host
     trustRoot = None
     if nextHop.caCertificates is not None:
-        with open(nextHop.caCertificates, "rb") as f:
-            pem = f.read()
-        trustRoot = ssl.trustRootFromCertificates(
-            [ssl.Certificate.loadPEM(pem)]
-        )
+        trustRoot = _loadTrustRoot(nextHop.caCertificates)
     return ssl.optionsForClientTLS(hostname, trustRoot=trustRoot)
+
+
+@implementer(IHandshakeListener)
+class _HandshakeGate(Protocol):
+    """
+    Sits between a TLS transport and the protocol that is to use it, and
+    connects that protocol only once the handshake succeeded.
+
+    @ivar wrapped: The protocol to connect.
+    """
+
+    def __init__(self, wrapped: IProtocol, ready: Deferred, hostname: str) -> None:
+        self.wrapped = wrapped
+        self._ready = ready
+        self._hostname = hostname
+        self._open = False
+
+    def handshakeCompleted(self) -> None:
+        """
+        The server's certificate verified: connect the wrapped protocol.
+        """
+        ready = self._ready
+        transport: Any = self.transport
+        if transport.disconnecting:
+            # The TLS layer is tearing the connection down (a failed
+            # verification): connectionLost fails the attempt.
+            return
+        if ready.called:
+            # Given up on (timed out or cancelled) in the meantime.
+            transport.abortConnection()
+            return
+        self._open = True
+        self.wrapped.makeConnection(self.transport)
+        ready.callback(self.wrapped)
+
+    def dataReceived(self, data: bytes) -> None:
+        """
+        Pass application bytes on.
+        """
+        if self._open:
+            self.wrapped.dataReceived(data)
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        """
+        Pass the loss on, or fail the connection attempt if the handshake
+        had not succeeded.
+        """
+        if self._open:
+            self._open = False
+            self.wrapped.connectionLost(reason)
+            return
+        if not self._ready.called:
+            self._ready.errback(
+                Failure(TLSHandshakeError(self._hostname, describeTLSFailure(reason)))
+            )
+
+
+class _HandshakeGateFactory(Factory):
+    noisy = False
+
+    def __init__(self, wrapped: IProtocolFactory, ready: Deferred, hostname: str) -> None:
+        self._wrapped = wrapped
+        self._ready = ready
+        self._hostname = hostname
+        self.gate: _HandshakeGate | None = None
+
+    def buildProtocol(self, addr: Any) -> _HandshakeGate | None:
+        protocol = self._wrapped.buildProtocol(addr)
+        if protocol is None:
+            return None
+        self.gate = _HandshakeGate(protocol, self._ready, self._hostname)
+        self.gate.factory = self
+        return self.gate
 
 
 class Dialer:
@@ -39,52 +192,136 @@ class Dialer:
     Connects outgoing legs.
 
     @ivar reactor: The reactor to connect with.
-    @ivar timeout: Seconds a connection attempt may take.
+    @ivar timeout: Seconds a connection attempt may take, the TLS handshake
+        included.
     """
 
     def __init__(self, reactor: Any, timeout: float) -> None:
         self.reactor = reactor
         self.timeout = timeout
+        self._tlsOptions: dict[tuple[str, str | None], Any] = {}
 
-    def endpointFor(self, nextHop: NextHop) -> IStreamClientEndpoint:
+    def tcpEndpointFor(self, nextHop: NextHop) -> IStreamClientEndpoint:
         """
-        The client endpoint that reaches C{nextHop}: plain TCP to an address
-        literal, happy-eyeballs to a name, wrapped in TLS (verified with
-        service-identity) when asked.
+        The TCP client endpoint that reaches C{nextHop}'s address: plain TCP
+        to an address literal, happy eyeballs to a name, bound to
+        C{nextHop.bindAddress} if given.
         """
         host = nextHop.address.host
         port = nextHop.address.port
         bind = (nextHop.bindAddress, 0) if nextHop.bindAddress else None
-        endpoint: IStreamClientEndpoint
+        literal = host[1:-1] if host.startswith("[") and host.endswith("]") else host
         try:
-            ip = ipaddress.ip_address(host)
+            ip = ipaddress.ip_address(literal.split("%", 1)[0])
         except ValueError:
-            endpoint = HostnameEndpoint(
+            return HostnameEndpoint(
                 self.reactor,
                 host.encode("idna"),
                 port,
                 timeout=self.timeout,
                 bindAddress=bind,
             )
-        else:
-            cls = TCP4ClientEndpoint if ip.version == 4 else TCP6ClientEndpoint
-            endpoint = cls(
-                self.reactor, host, port, timeout=self.timeout, bindAddress=bind
+        options = self.socketOptionsFor(nextHop)
+        if options:
+            return TunedTCPClientEndpoint(
+                self.reactor, literal, port, options, timeout=self.timeout,
+                bindAddress=bind,
             )
+        cls = TCP4ClientEndpoint if ip.version == 4 else TCP6ClientEndpoint
+        return cls(self.reactor, literal, port, timeout=self.timeout, bindAddress=bind)
+
+    def socketOptionsFor(self, nextHop: NextHop) -> list[SocketOption]:
+        """
+        The socket options an outgoing leg to C{nextHop} is created with:
+        C{TCP_FASTOPEN_CONNECT} when the next hop asks for Fast Open.
+        """
+        options = []
+        if nextHop.fastOpen:
+            options.append(fastOpenConnect())
+        return options
+
+    def tlsOptionsFor(self, nextHop: NextHop) -> Any:
+        """
+        The client TLS options of C{nextHop}, made once per name and CA
+        file and then reused (a CA file is read when first needed).
+        """
+        key = (nextHop.tlsHostname or nextHop.address.host, nextHop.caCertificates)
+        options = self._tlsOptions.get(key)
+        if options is None:
+            options = self._tlsOptions[key] = tlsOptionsFor(nextHop)
+        return options
+
+    def endpointFor(self, nextHop: NextHop) -> IStreamClientEndpoint:
+        """
+        The client endpoint that reaches C{nextHop}: L{tcpEndpointFor},
+        wrapped in TLS (verified with service-identity) when asked.
+
+        Connecting this endpoint directly hands the protocol its transport
+        before the TLS handshake; L{connect} waits for the handshake.
+        """
+        endpoint = self.tcpEndpointFor(nextHop)
         if nextHop.tls:
-            endpoint = wrapClientTLS(_tlsOptions(nextHop), endpoint)
+            endpoint = wrapClientTLS(self.tlsOptionsFor(nextHop), endpoint)
         return endpoint
 
     def connect(self, nextHop: NextHop, factory: IProtocolFactory) -> Deferred:
         """
         Connect to C{nextHop} with C{factory}.
 
-        @return: A cancellable L{Deferred} that fires with the protocol, or
-            fails (with L{twisted.internet.error.TimeoutError} on timeout).
+        @return: A cancellable L{Deferred} that fires with the protocol once
+            it is connected (for TLS, once the handshake succeeded), or
+            fails: with L{twisted.internet.error.TimeoutError} on timeout,
+            with L{TLSHandshakeError} if the TLS handshake failed, or with
+            the connection error.
         """
         try:
-            return self.endpointFor(nextHop).connect(factory)
+            if not nextHop.tls:
+                return self.tcpEndpointFor(nextHop).connect(factory)
+            return self._connectTLS(nextHop, factory)
         except Exception:
-            from twisted.internet.defer import fail
-
             return fail()
+
+    def _connectTLS(self, nextHop: NextHop, factory: IProtocolFactory) -> Deferred:
+        hostname = nextHop.tlsHostname or nextHop.address.host
+        endpoint = wrapClientTLS(self.tlsOptionsFor(nextHop), self.tcpEndpointFor(nextHop))
+        connecting: list[Deferred] = []
+
+        def giveUp(ready: Deferred) -> None:
+            # Stop the TCP attempt, or tear down the handshake under way.
+            for d in connecting:
+                if not d.called:
+                    d.cancel()
+            gate = gateFactory.gate
+            if gate is not None and gate.transport is not None and not gate._open:
+                gate.transport.abortConnection()
+
+        ready: Deferred = Deferred(giveUp)
+        gateFactory = _HandshakeGateFactory(factory, ready, hostname)
+
+        def timedOut() -> None:
+            if ready.called:
+                return
+            ready.errback(
+                error.TimeoutError(
+                    string=f"TLS connection to {hostname} took over {self.timeout:g}s"
+                )
+            )
+            giveUp(ready)
+
+        timer = self.reactor.callLater(self.timeout, timedOut)
+
+        def stopTimer(result: object) -> object:
+            if timer.active():
+                timer.cancel()
+            return result
+
+        ready.addBoth(stopTimer)
+
+        def tcpFailed(reason: Failure) -> None:
+            if not ready.called:
+                ready.errback(reason)
+
+        d = endpoint.connect(gateFactory)
+        connecting.append(d)
+        d.addCallbacks(lambda _: None, tcpFailed)
+        return ready

@@ -25,6 +25,7 @@ from zope.interface import implementer
 
 from miniproxy.address import HostPort
 from miniproxy.flow import PAUSED_BY_PEER, Flow, Moment, resetTransport
+from miniproxy.tcpclient import HANDSHAKE_POLL, handshakePending, usesFastOpen
 
 if TYPE_CHECKING:
     from miniproxy.listener import ListenerContext
@@ -240,11 +241,37 @@ class OutgoingLeg(Leg):
     The leg facing the server or the next proxy.
     """
 
+    fastOpen = False
+
     def connectionMade(self) -> None:
         """
-        Connected: join the flow.
+        Connected (with TCP Fast Open: about to send its SYN): join the
+        flow.
         """
+        self.fastOpen = usesFastOpen(self.transport)
         self.flow.outgoingLegMade(self)
+
+    def _whenHandshakeDone(self, action: Any) -> bool:
+        # A Fast Open leg is "connected" before its handshake: closing it
+        # in SYN_SENT would drop it, so the close waits for the handshake.
+        if not self.fastOpen or self.disconnected or not handshakePending(self.transport):
+            return False
+        self.flow.reactor.callLater(HANDSHAKE_POLL, action)
+        return True
+
+    def shutdownWrite(self) -> None:
+        """
+        See L{Leg.shutdownWrite}; a Fast Open leg waits for its handshake.
+        """
+        if not self._whenHandshakeDone(self.shutdownWrite):
+            super().shutdownWrite()
+
+    def loseConnection(self) -> None:
+        """
+        See L{Leg.loseConnection}; a Fast Open leg waits for its handshake.
+        """
+        if not self._whenHandshakeDone(self.loseConnection):
+            super().loseConnection()
 
     def dataReceived(self, data: bytes) -> None:
         """

@@ -48,6 +48,9 @@ class ListenerSettings:
         reads: C{"tcp-option"} (the flow address TCP option in the SYN).
     @ivar trusted: The networks whose explicit carriers are believed;
         a carrier from anyone else refuses the flow.
+    @ivar fastOpen: Whether the listening socket accepts TCP Fast Open
+        SYNs (C{TCP_FASTOPEN}); the host's C{net.ipv4.tcp_fastopen} sysctl
+        must have bit 2 set too.
     """
 
     endpoint: str
@@ -59,6 +62,7 @@ class ListenerSettings:
     synPorts: tuple[int, ...] = ()
     explicit: tuple[str, ...] = ()
     trusted: tuple[Any, ...] = ()
+    fastOpen: bool = True
 
 
 def originalDestination(transport: Any) -> HostPort:

@@ -24,6 +24,7 @@ from miniproxy.flowtable import FlowTable
 from miniproxy.functions.discovery import getFunctions
 from miniproxy.interfaces import IFlowHandlerFactory
 from miniproxy.legs import AcceptedLegFactory
+from miniproxy.tcpclient import enableFastOpenListener
 from miniproxy.listener import ListenerContext, ListenerSettings
 
 _log = Logger(namespace="miniproxy.service")
@@ -170,9 +171,12 @@ class ProxyService(MultiService):
 
     def _tap(self, port: Any, service: StreamServerEndpointService) -> Any:
         """
-        Start the SYN tap for an early-mode listener once it listens.
+        Once a listener listens: let it accept TCP Fast Open SYNs, and
+        start the SYN tap of an early-mode listener.
         """
         context = service.listenerContext  # type: ignore[attr-defined]
+        if context.settings.fastOpen:
+            enableFastOpenListener(port)
         if context.early is None:
             return port
         settings = context.settings

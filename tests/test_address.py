@@ -83,8 +83,14 @@ class NextHopTests(unittest.TestCase):
         hop = NextHop.fromString("tcp:host=10.0.0.1:port=80:bindAddress=10.0.0.9")
         self.assertEqual(hop.bindAddress, "10.0.0.9")
 
+    def test_fastOpen(self) -> None:
+        self.assertTrue(NextHop.fromString("tcp:host=10.0.0.1:port=80:fastopen=yes").fastOpen)
+        self.assertFalse(NextHop.fromString("tcp:host=10.0.0.1:port=80").fastOpen)
+
     def test_errors(self) -> None:
         cases = {
+            "tcp:host=a:port=1:fastopen=maybe": "fastopen must be yes or no",
+            "tls:host=a:port=1:fastopen=yes": "fastopen is for plain tcp",
             "": "empty",
             "udp:host=a:port=1": "kind must be tcp or tls",
             "tcp:port=1": "no host",

@@ -1,0 +1,175 @@
+"""
+Tests for L{miniproxy.tcpclient}.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+from twisted.internet import defer
+from twisted.internet.protocol import Factory, Protocol
+from twisted.trial import unittest
+
+from miniproxy.syntap import SynTap
+from miniproxy.tcpclient import (
+    SO_MARK,
+    TunedTCPClientEndpoint,
+    enableFastOpenListener,
+    fastOpenConnect,
+    mark,
+)
+from tests.test_syntap import Recorder
+
+FASTOPEN_SYSCTL = "/proc/sys/net/ipv4/tcp_fastopen"
+TFO_OPTION = 34
+
+
+class Sender(Protocol):
+    """
+    Writes its message as soon as it is connected, then closes.
+    """
+
+    def __init__(self, message: bytes) -> None:
+        self.message = message
+        self.made: defer.Deferred[Sender] = defer.Deferred()
+        self.lost: defer.Deferred[None] = defer.Deferred()
+
+    def connectionMade(self) -> None:
+        self.transport.write(self.message)
+        self.made.callback(self)
+
+    def connectionLost(self, reason: object = None) -> None:
+        self.lost.callback(None)
+
+
+class Collector(Protocol):
+    def __init__(self, done: list[defer.Deferred[bytes]]) -> None:
+        self.done = done
+        self.data = b""
+
+    def dataReceived(self, data: bytes) -> None:
+        self.data += data
+        if self.data.endswith(b"."):
+            # The whole message: the server closes (a client closing at
+            # once could do so before its Fast Open handshake is done).
+            self.transport.loseConnection()
+
+    def connectionLost(self, reason: object = None) -> None:
+        self.done.pop(0).callback(self.data)
+
+
+class TunedEndpointTests(unittest.TestCase):
+    """
+    The endpoint connects like Twisted's, with the options set first.
+    """
+
+    def setUp(self) -> None:
+        from twisted.internet import reactor
+
+        self.reactor = reactor
+        self.received: list[defer.Deferred[bytes]] = []
+        factory = Factory()
+        factory.protocol = lambda: Collector(self.received)  # type: ignore[assignment]
+        self.port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        self.addCleanup(self.port.stopListening)
+        self.number = self.port.getHost().port
+
+    @defer.inlineCallbacks
+    def send(self, message: bytes, options: tuple = ()):  # type: ignore[no-untyped-def]
+        arrived: defer.Deferred[bytes] = defer.Deferred()
+        self.received.append(arrived)
+        sender = Sender(message)
+        endpoint = TunedTCPClientEndpoint(self.reactor, "127.0.0.1", self.number, options, timeout=5)
+        protocol = yield endpoint.connect(Factory.forProtocol(lambda: sender))
+        self.assertIs(protocol, sender)
+        data = yield arrived
+        yield sender.lost
+        return data
+
+    @defer.inlineCallbacks
+    def test_plain(self):  # type: ignore[no-untyped-def]
+        data = yield self.send(b"hello.")
+        self.assertEqual(data, b"hello.")
+
+    @defer.inlineCallbacks
+    def test_mark(self):  # type: ignore[no-untyped-def]
+        if os.geteuid() != 0:
+            raise unittest.SkipTest("SO_MARK needs CAP_NET_ADMIN (run as root)")
+        data = yield self.send(b"marked.", (mark(0x4D50),))
+        self.assertEqual(data, b"marked.")
+        self.assertEqual(mark(7), (socket.SOL_SOCKET, SO_MARK, 7))
+
+    @defer.inlineCallbacks
+    def test_refused(self):  # type: ignore[no-untyped-def]
+        from twisted.internet.error import ConnectionRefusedError
+
+        probe = socket.socket()
+        probe.bind(("127.0.0.1", 0))
+        free = probe.getsockname()[1]
+        probe.close()
+        endpoint = TunedTCPClientEndpoint(self.reactor, "127.0.0.1", free)
+        with self.assertRaises(ConnectionRefusedError):
+            yield endpoint.connect(Factory.forProtocol(lambda: Sender(b"x")))
+
+    @defer.inlineCallbacks
+    def test_refusedFastOpen(self):  # type: ignore[no-untyped-def]
+        """
+        With Fast Open the kernel reports the connection made before its
+        SYN is even sent: a refusal shows as the connection lost.
+        """
+        from twisted.internet.error import ConnectionLost, ConnectionRefusedError
+
+        probe = socket.socket()
+        probe.bind(("127.0.0.1", 0))
+        free = probe.getsockname()[1]
+        probe.close()
+        reasons = []
+
+        class Watcher(Sender):
+            def connectionLost(self, reason: object = None) -> None:
+                reasons.append(reason)
+                super().connectionLost(reason)
+
+        watcher = Watcher(b"x")
+        endpoint = TunedTCPClientEndpoint(self.reactor, "127.0.0.1", free, (fastOpenConnect(),))
+        yield endpoint.connect(Factory.forProtocol(lambda: watcher))
+        yield watcher.lost
+        self.assertTrue(reasons[0].check(ConnectionRefusedError, ConnectionLost), reasons)
+
+    @defer.inlineCallbacks
+    def test_fastOpen(self):  # type: ignore[no-untyped-def]
+        """
+        With TCP Fast Open on both ends, once the client holds a cookie its
+        first bytes ride in the SYN.
+        """
+        if os.geteuid() != 0:
+            raise unittest.SkipTest("needs root: the SYN tap and the tcp_fastopen sysctl")
+        with open(FASTOPEN_SYSCTL) as f:
+            before = f.read().strip()
+        self.addCleanup(_writeSysctl, before)
+        _writeSysctl("3")
+        self.assertTrue(enableFastOpenListener(self.port))
+        recorder = Recorder()
+        tap = SynTap(self.reactor, socket.AF_INET, [self.number], recorder)
+        tap.start()
+        self.addCleanup(tap.stop)
+        first = yield self.send(b"first.", (fastOpenConnect(),))
+        self.assertEqual(first, b"first.")
+        second = yield self.send(b"second.", (fastOpenConnect(),))
+        self.assertEqual(second, b"second.")
+        syns = recorder.segments
+        self.assertEqual(len(syns), 2)
+        # The first SYN asks for a cookie, or already has one cached (by an
+        # earlier run): either way it has the Fast Open option.
+        self.assertIn(TFO_OPTION, [kind for kind, _ in syns[0].options])
+        self.assertIn(syns[0].payload, (b"", b"first."))
+        self.assertEqual(syns[1].payload, b"second.")
+
+    def test_fastOpenListenerWithoutSocket(self) -> None:
+        self.assertFalse(enableFastOpenListener(object()))
+
+
+def _writeSysctl(value: str) -> None:
+    with open(FASTOPEN_SYSCTL, "w") as f:
+        f.write(value)
