@@ -190,7 +190,7 @@ class EarlySyns:
             self._overflow()
             return
         context = target.context
-        if context.table.admit(source) is not None:
+        if context.table.admit(source, count=False) is not None:
             # Over the flow limits: accept refuses it, with its log line.
             return
         flow = Flow(context, client, segment.destination)

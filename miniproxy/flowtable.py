@@ -27,17 +27,20 @@ class FlowTable:
         self._perSource: dict[str, int] = {}
         self.refused = 0
 
-    def admit(self, source: str) -> str | None:
+    def admit(self, source: str, count: bool = True) -> str | None:
         """
         Check whether one more flow from C{source} fits the limits.
 
+        @param count: Whether a refusal counts in C{refused}; L{False} for a
+            look at the SYN, since the accept of the same connection is
+            refused (and counted) again.
         @return: L{None} if it fits, or the reason it does not.
         """
         if len(self.flows) >= self.maxFlows:
-            self.refused += 1
+            self.refused += count
             return f"too many flows ({self.maxFlows} open)"
         if self._perSource.get(source, 0) >= self.maxFlowsPerSource:
-            self.refused += 1
+            self.refused += count
             return f"too many flows from {source} ({self.maxFlowsPerSource} open)"
         return None
 
