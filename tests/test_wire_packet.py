@@ -109,3 +109,76 @@ class PacketTests(unittest.TestCase):
             parseIP(data)
         except MalformedInput:
             pass
+
+
+def tcpChecksumValid(packet: bytes) -> bool:
+    from miniproxy.wire.packet import internetChecksum
+
+    if packet[0] >> 4 == 4:
+        ihl = (packet[0] & 0x0F) * 4
+        segment = packet[ihl:]
+        pseudo = packet[12:20] + struct.pack("!BBH", 0, socket.IPPROTO_TCP, len(segment))
+        if internetChecksum(packet[:ihl]) != 0:
+            return False
+    else:
+        segment = packet[40:]
+        pseudo = packet[8:40] + struct.pack("!IxxxB", len(segment), socket.IPPROTO_TCP)
+    return internetChecksum(pseudo + segment) == 0
+
+
+class AddOptionTests(unittest.TestCase):
+    """
+    L{addTCPOption} adds an option to a SYN, keeping the packet valid.
+    """
+
+    @given(
+        st.sampled_from([(v4, ipv4), (v6, ipv6)]).flatmap(
+            lambda p: st.tuples(p[0], p[0], st.just(p[1]))),
+        st.lists(st.tuples(st.integers(2, 255), st.binary(max_size=4)), max_size=3),
+        st.binary(min_size=2, max_size=14),
+        st.binary(max_size=30),
+    )
+    def test_added(self, addrs, options, value, payload) -> None:  # type: ignore[no-untyped-def]
+        from miniproxy.wire.packet import addTCPOption
+
+        src, dst, wrap = addrs
+        packet = wrap(src, dst, tcp(1, 2, 3, SYN, encodeOptions(options), payload))
+        option = bytes([253, len(value) + 2]) + value
+        try:
+            changed = addTCPOption(packet, option)
+        except MalformedInput as e:
+            self.assertIn("no room", str(e))
+            return
+        segment = parseIP(changed)
+        self.assertEqual(list(segment.options), options + [(253, value)])
+        self.assertEqual(segment.payload, payload)
+        self.assertEqual((segment.source.host, segment.destination.host), (src, dst))
+        self.assertTrue(tcpChecksumValid(changed))
+
+    def test_linuxSynHasRoom(self) -> None:
+        """
+        Linux's SYN options (20 bytes) leave room for the IPv4 4-tuple
+        option (16 bytes).
+        """
+        from miniproxy.address import HostPort as HP
+        from miniproxy.wire import tcpoption
+        from miniproxy.wire.packet import addTCPOption
+
+        opts = bytes.fromhex("020405b40402080a0000000100000000" "01030307")
+        packet = ipv4("10.0.0.1", "10.0.0.2", tcp(1, 2, 3, SYN, opts, b""))
+        option = tcpoption.encode(tcpoption.FlowAddressOption(HP("192.0.2.1", 80), HP("10.9.9.9", 5)))
+        changed = addTCPOption(packet, option)
+        self.assertEqual(len(changed), len(packet) + 16)
+        found = tcpoption.find(list(parseIP(changed).options))
+        self.assertEqual(found.destination, HP("192.0.2.1", 80))
+        six = tcpoption.encode(tcpoption.FlowAddressOption(HP("::1", 80), HP("::2", 5)))
+        with self.assertRaises(MalformedInput):
+            addTCPOption(packet, six)
+
+    def test_notTCP(self) -> None:
+        from miniproxy.wire.packet import addTCPOption
+
+        good = ipv4("10.0.0.1", "10.0.0.2", tcp(1, 2, 3, SYN, b"", b""))
+        for bad in (b"", good[:9] + b"\x11" + good[10:], b"\x50" + good[1:], good[:25]):
+            with self.assertRaises(MalformedInput):
+                addTCPOption(bad, b"\xfd\x02")

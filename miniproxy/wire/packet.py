@@ -147,3 +147,83 @@ def parseIP(packet: bytes) -> TCPSegment:
             packet[40:40 + payloadLength],
         )
     raise MalformedInput(f"IP version {version}")
+
+
+def internetChecksum(data: bytes) -> int:
+    """
+    The 16-bit ones' complement checksum of IP, TCP and UDP.
+    """
+    if len(data) % 2:
+        data += b"\0"
+    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
+
+
+def _tcpChecksum(pseudo: bytes, segment: bytes) -> bytes:
+    zeroed = segment[:16] + b"\0\0" + segment[18:]
+    return struct.pack("!H", internetChecksum(pseudo + zeroed))
+
+
+def addTCPOption(packet: bytes, option: bytes) -> bytes:
+    """
+    Add a TCP option to an IPv4 or IPv6 packet carrying TCP, fixing the
+    lengths and both checksums.
+
+    @param option: The option's bytes (kind, length, value).
+    @raise MalformedInput: If the packet is not TCP over IP, or the options
+        would exceed the 40 bytes a TCP header has room for.
+    """
+    if not packet:
+        raise MalformedInput("empty packet")
+    version = packet[0] >> 4
+    if version == 4:
+        if len(packet) < 20 or packet[9] != socket.IPPROTO_TCP:
+            raise MalformedInput("not a TCP over IPv4 packet")
+        ipLength = (packet[0] & 0x0F) * 4
+    elif version == 6:
+        if len(packet) < 40 or packet[6] != socket.IPPROTO_TCP:
+            raise MalformedInput("not a TCP over IPv6 packet (or has extension headers)")
+        ipLength = 40
+    else:
+        raise MalformedInput(f"IP version {version}")
+    segment = packet[ipLength:]
+    if len(segment) < 20:
+        raise MalformedInput("TCP header truncated")
+    tcpLength = (segment[12] >> 4) * 4
+    if tcpLength < 20 or tcpLength > len(segment):
+        raise MalformedInput(f"TCP data offset {tcpLength} does not fit")
+    # The options as they are, without the NOP/EOL padding, so that the new
+    # one packs tightly (alignment padding is a convention, not a rule).
+    kept = b"".join(
+        bytes([kind, len(value) + 2]) + value
+        for kind, value in parseOptions(segment[20:tcpLength])
+    )
+    options = kept + option
+    options += b"\x01" * (-len(options) % 4)
+    if len(options) > 40:
+        raise MalformedInput(
+            f"no room for a {len(option)}-byte option: the SYN's options would be "
+            f"{len(options)} bytes (at most 40)"
+        )
+    newTCPLength = 20 + len(options)
+    segment = (
+        segment[:12]
+        + bytes([(newTCPLength // 4) << 4 | (segment[12] & 0x0F)])
+        + segment[13:20]
+        + options
+        + segment[tcpLength:]
+    )
+    if version == 4:
+        header = bytearray(packet[:ipLength])
+        struct.pack_into("!H", header, 2, ipLength + len(segment))
+        struct.pack_into("!H", header, 10, 0)
+        struct.pack_into("!H", header, 10, internetChecksum(bytes(header)))
+        pseudo = bytes(header[12:20]) + struct.pack("!BBH", 0, socket.IPPROTO_TCP, len(segment))
+    else:
+        header = bytearray(packet[:40])
+        struct.pack_into("!H", header, 4, len(segment))
+        pseudo = bytes(header[8:40]) + struct.pack("!IxxxB", len(segment), socket.IPPROTO_TCP)
+    segment = segment[:16] + _tcpChecksum(pseudo, segment) + segment[18:]
+    return bytes(header) + segment
