@@ -27,6 +27,9 @@ step and look at what the proxy sent to each side::
             self.assertEqual(harness.closedFlows, [driver.flow])
             self.assertIs(driver.flow.outcome, Outcome.OK)
 
+A flow may also begin at its SYN, as with a SYN tap: L{FlowHarness.syn},
+then L{FlowDriver.handshakeCompletes}.
+
 Everything happens when the test asks for it: the harness never uses the
 global reactor, and time only passes with L{FlowHarness.advance}.  What a
 real reactor would do "later" (deliver a FIN once written, report a closed
@@ -158,6 +161,13 @@ class MemoryLegTransport(StringTransport):
         hostAddress: IPv4Address | IPv6Address,
         peerAddress: IPv4Address | IPv6Address,
     ) -> None:
+        """
+        @param harness: The harness whose steps deliver this transport's
+            events.
+        @param protocol: The leg.
+        @param hostAddress: What C{getHost} returns.
+        @param peerAddress: What C{getPeer} returns.
+        """
         # Lenient: a real transport ignores resumeProducing after a close.
         super().__init__(hostAddress, peerAddress, lenient=True)
         self._harness = harness
@@ -354,6 +364,10 @@ class ConnectAttempt:
     """
 
     def __init__(self, nextHop: NextHop, factory: IProtocolFactory) -> None:
+        """
+        @param nextHop: What the flow dialed.
+        @param factory: The factory of the leg to connect.
+        """
         self.nextHop = nextHop
         self.factory = factory
         self.cancelled = False
@@ -396,7 +410,17 @@ class FakeDialer:
     @ivar attempts: Every attempt, in order.
     """
 
-    def __init__(self, reactor: Any, timeout: float, onAttempt: Callable[[ConnectAttempt], None] | None = None) -> None:
+    def __init__(
+        self,
+        reactor: Any,
+        timeout: float,
+        onAttempt: Callable[[ConnectAttempt], None] | None = None,
+    ) -> None:
+        """
+        @param reactor: The clock the timeouts run on.
+        @param timeout: Seconds before an attempt fails; 0 for never.
+        @param onAttempt: Called with each new attempt, if given.
+        """
         self.reactor = reactor
         self.timeout = timeout
         self.attempts: list[ConnectAttempt] = []
@@ -642,6 +666,11 @@ class FlowDriver:
     """
 
     def __init__(self, harness: FlowHarness, client: HostPort, local: HostPort) -> None:
+        """
+        @param harness: The harness.
+        @param client: The client's address.
+        @param local: The address it connected to.
+        """
         self.harness = harness
         self.client = client
         self.local = local
@@ -1006,11 +1035,12 @@ class RecordingHandler:
     @ivar flow: The flow it handles.
     """
 
-    def __init__(
-        self,
-        function: RecordingFunction,
-        flow: Flow,
-    ) -> None:
+    def __init__(self, function: RecordingFunction, flow: Flow) -> None:
+        """
+        @param function: The function whose C{calls} and C{verdicts} the
+            handler uses.
+        @param flow: The flow.
+        """
         self._function = function
         self.flow = flow
         self.wantsData = function.wantsData
@@ -1109,6 +1139,12 @@ class RecordingFunction:
         verdicts: Mapping[str, Answer] | None = None,
         wantsData: bool = True,
     ) -> None:
+        """
+        @param name: The function's name.
+        @param calls: The list to record calls in; a new one by default.
+        @param verdicts: What hooks answer (see C{verdicts} above).
+        @param wantsData: Whether the data hooks are called.
+        """
         self.name = name
         self.calls: list[HookCall] = calls if calls is not None else []
         self.verdicts: dict[str, Answer] = dict(verdicts or {})

@@ -26,7 +26,7 @@ from miniproxy.legs import AcceptedLeg, AcceptedLegFactory, Leg, OutgoingLeg, Ou
 from miniproxy.limits import Limits
 from miniproxy.listener import ListenerContext, ListenerSettings
 from miniproxy.testing import FlowHarness, RecordingFunction
-from miniproxy.verdict import STOP, Chunk, Verdict
+from miniproxy.verdict import STOP, Verdict
 
 
 class RecordingFlow:
