@@ -17,7 +17,11 @@ class Verdict(Enum):
         start the outgoing leg).
     @cvar STOP: The chain ends here for this event.  For data and half-close
         events the handler has taken the event over: the proxy does not send
-        the chunk, or does not propagate the FIN.
+        the chunk, or does not propagate the FIN.  For the lifecycle events
+        (early SYN, accepted, outgoing connected) only the later functions'
+        hooks are skipped: the proxy still takes its next step (starting the
+        outgoing leg, writing held bytes); refuse or abort the flow to stop
+        it.
     """
 
     CONTINUE = "continue"
