@@ -14,6 +14,7 @@ connected and then broke.  The connect timeout covers the handshake too.
 from __future__ import annotations
 
 import ipaddress
+import socket
 from typing import Any
 
 from twisted.internet import error
@@ -36,6 +37,8 @@ from zope.interface import implementer
 
 from miniproxy.address import NextHop
 from miniproxy.tcpclient import SocketOption, TunedTCPClientEndpoint, fastOpenConnect
+from miniproxy.tcpclient import mark as markOption
+from miniproxy.wire.tcpoption import FlowAddressOption
 
 
 class TLSHandshakeError(error.ConnectError):
@@ -187,6 +190,28 @@ class _HandshakeGateFactory(Factory):
         return self.gate
 
 
+def flowAddressOption(source: Any, destination: Any) -> FlowAddressOption:
+    """
+    The flow address option a SYN carries: the 4-tuple for IPv4, and for
+    IPv6 the destination alone (the IPv6 4-tuple never fits in a SYN).
+
+    @raise OSError: If the destination is not an IP address literal.
+    """
+    try:
+        ip = ipaddress.ip_address(destination.host)
+    except ValueError:
+        raise OSError(
+            f"cannot carry destination {destination} in a TCP option: not an IP address"
+        ) from None
+    if ip.version == 4:
+        try:
+            if ipaddress.ip_address(source.host).version == 4:
+                return FlowAddressOption(destination, source)
+        except ValueError:
+            pass
+    return FlowAddressOption(destination)
+
+
 class Dialer:
     """
     Connects outgoing legs.
@@ -195,6 +220,10 @@ class Dialer:
     @ivar timeout: Seconds a connection attempt may take, the TLS handshake
         included.
     """
+
+    #: The service's L{miniproxy.optionemitter.OptionEmitter}, for next
+    #: hops with C{carry=tcp-option}; L{None} where there is none.
+    optionEmitter: Any = None
 
     def __init__(self, reactor: Any, timeout: float) -> None:
         self.reactor = reactor
@@ -275,11 +304,49 @@ class Dialer:
             the connection error.
         """
         try:
+            if getattr(nextHop, "carry", None) == "tcp-option":
+                return self._connectWithOption(nextHop, factory)
             if not nextHop.tls:
                 return self.tcpEndpointFor(nextHop).connect(factory)
             return self._connectTLS(nextHop, factory)
         except Exception:
             return fail()
+
+    def _connectWithOption(self, nextHop: NextHop, factory: IProtocolFactory) -> Deferred:
+        """
+        Connect a leg whose SYN carries the flow address TCP option: mark
+        its socket, bind it first so its port is known, and tell the
+        emitter which SYN is to get which option.
+        """
+        flow = getattr(factory, "flow", None)
+        emitter = self.optionEmitter
+        if emitter is None or flow is None or flow.destination is None:
+            raise OSError("cannot carry the destination in a TCP option here")
+        option = flowAddressOption(getattr(flow, "origin", None) or flow.client, flow.destination)
+        emitter.start()
+        host = nextHop.address.host
+        literal = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+        family = socket.AF_INET6 if ":" in literal else socket.AF_INET
+        bound: list[int] = []
+
+        def bindFirst(sock: socket.socket) -> None:
+            wildcard = "::" if family == socket.AF_INET6 else "0.0.0.0"
+            sock.bind((nextHop.bindAddress or wildcard, 0))
+            bound.append(sock.getsockname()[1])
+            emitter.expect(bound[0], nextHop.address, option)
+
+        endpoint = TunedTCPClientEndpoint(
+            self.reactor, literal, nextHop.address.port,
+            [markOption(emitter.mark)] + self.socketOptionsFor(nextHop),
+            timeout=self.timeout, onSocket=bindFirst,
+        )
+
+        def done(result: Any) -> Any:
+            if bound:
+                emitter.forget(bound[0], nextHop.address)
+            return result
+
+        return endpoint.connect(factory).addBoth(done)
 
     def _connectTLS(self, nextHop: NextHop, factory: IProtocolFactory) -> Deferred:
         hostname = nextHop.tlsHostname or nextHop.address.host
@@ -287,10 +354,11 @@ class Dialer:
         connecting: list[Deferred] = []
 
         def giveUp(ready: Deferred) -> None:
-            # Stop the TCP attempt, or tear down the handshake under way.
+            # Stop the TCP attempt (cancelling a finished Deferred does
+            # nothing; one waiting on another, as a name resolution's is,
+            # cancels that one), or tear down the handshake under way.
             for d in connecting:
-                if not d.called:
-                    d.cancel()
+                d.cancel()
             gate = gateFactory.gate
             if gate is not None and gate.transport is not None and not gate._open:
                 gate.transport.abortConnection()

@@ -18,6 +18,7 @@ from twisted.python.failure import Failure
 
 from miniproxy.config import ServiceConfig
 from miniproxy.earlysyn import EarlySyns
+from miniproxy.optionemitter import OptionEmitter
 from miniproxy.errors import ConfigError, FunctionError
 from miniproxy.flow import ConnectMode
 from miniproxy.flowtable import FlowTable
@@ -102,6 +103,8 @@ class ProxyService(MultiService):
         )
         self.onFlowClosed = onFlowClosed
         self.early = EarlySyns(reactor, config.limits)
+        # Started when a leg first carries its destination in a TCP option.
+        self.optionEmitter = OptionEmitter(reactor)
         self.listeners: list[StreamServerEndpointService] = []
         for settings in config.listeners:
             self._makeListener(settings)
@@ -123,6 +126,7 @@ class ProxyService(MultiService):
             raise ConfigError(f"bad listen endpoint {settings.endpoint!r}: {e}") from None
         if settings.mode is ConnectMode.EARLY and settings.synTap:
             context.early = self.early
+        context.dialer.optionEmitter = self.optionEmitter
         service = StreamServerEndpointService(endpoint, AcceptedLegFactory(context))
         service.listenerContext = context  # type: ignore[attr-defined]
         # Fail twistd's start-up when a port cannot be bound, instead of
@@ -226,6 +230,7 @@ class ProxyService(MultiService):
         """
         d = super().stopService()
         self.early.stop()
+        self.optionEmitter.stop()
 
         def closeFlows(result: object) -> object:
             for flow in list(self.table.flows):

@@ -19,7 +19,7 @@ at once (see L{miniproxy.connect}).
 from __future__ import annotations
 
 import socket
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from twisted.internet import tcp
 from twisted.internet.defer import Deferred
@@ -119,26 +119,38 @@ class _TunedClient(tcp.Client):
         connector: Any,
         reactor: Any,
         options: Sequence[SocketOption],
+        onSocket: Callable[[socket.socket], None] | None = None,
     ) -> None:
         # tcp.Client creates its socket in __init__.
         self._socketOptions = options
+        self._onSocket = onSocket
         super().__init__(host, port, bindAddress, connector, reactor)
 
     def createInternetSocket(self) -> socket.socket:
         sock = super().createInternetSocket()
         for level, name, value in self._socketOptions:
             sock.setsockopt(level, name, value)
+        if self._onSocket is not None:
+            self._onSocket(sock)
         return sock
 
 
 class _TunedConnector(tcp.Connector):
-    def __init__(self, *args: Any, options: Sequence[SocketOption], **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        options: Sequence[SocketOption],
+        onSocket: Callable[[socket.socket], None] | None,
+        **kwargs: Any,
+    ) -> None:
         self._socketOptions = options
+        self._onSocket = onSocket
         super().__init__(*args, **kwargs)
 
     def _makeTransport(self) -> tcp.Client:
         return _TunedClient(
-            self.host, self.port, self.bindAddress, self, self.reactor, self._socketOptions
+            self.host, self.port, self.bindAddress, self, self.reactor,
+            self._socketOptions, self._onSocket,
         )
 
 
@@ -149,6 +161,9 @@ class TunedTCPClientEndpoint:
     options before connecting.
 
     @ivar options: C{(level, name, value)} triples for C{setsockopt}.
+    @ivar onSocket: Called with the socket once its options are set and
+        before it connects (or is bound to C{bindAddress}); it may bind the
+        socket itself (then give no C{bindAddress}).
     """
 
     def __init__(
@@ -159,7 +174,9 @@ class TunedTCPClientEndpoint:
         options: Sequence[SocketOption] = (),
         timeout: float = 30,
         bindAddress: tuple[str, int] | None = None,
+        onSocket: Callable[[socket.socket], None] | None = None,
     ) -> None:
+        self.onSocket = onSocket
         self._reactor = reactor
         self._host = host
         self._port = port
@@ -183,6 +200,7 @@ class TunedTCPClientEndpoint:
                 self._bindAddress,
                 self._reactor,
                 options=self.options,
+                onSocket=self.onSocket,
             )
             connector.connect()
             return wrapped._onConnection
