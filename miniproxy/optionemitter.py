@@ -52,6 +52,9 @@ def _canonical(host: str) -> str:
     return str(ip)
 
 
+_shared: dict[tuple[int, int], "OptionEmitter"] = {}
+
+
 class OptionEmitter:
     """
     Adds the flow address option to the SYNs of the outgoing legs that
@@ -80,6 +83,34 @@ class OptionEmitter:
         self.emitted = 0
         self.skipped = 0
         self.comment = f"miniproxy-{os.getpid()}"
+
+    _users = 0
+
+    @classmethod
+    def shared(cls, reactor: Any, queue: int = DEFAULT_QUEUE, mark: int = DEFAULT_MARK) -> OptionEmitter:
+        """
+        The emitter of C{queue} in this process, shared by every service on
+        C{reactor} (a netfilter queue has one reader).  Each user calls
+        L{release} when done; the last one stops it.
+        """
+        key = (id(reactor), queue)
+        emitter = _shared.get(key)
+        if emitter is None:
+            emitter = _shared[key] = cls(reactor, queue, mark)
+        emitter._users += 1
+        return emitter
+
+    def release(self) -> None:
+        """
+        One user of a L{shared} emitter is done; the last one stops it.
+        """
+        self._users -= 1
+        if self._users <= 0:
+            self._users = 0
+            for key, emitter in list(_shared.items()):
+                if emitter is self:
+                    del _shared[key]
+            self.stop()
 
     @property
     def running(self) -> bool:

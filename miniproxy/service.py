@@ -104,7 +104,7 @@ class ProxyService(MultiService):
         self.onFlowClosed = onFlowClosed
         self.early = EarlySyns(reactor, config.limits)
         # Started when a leg first carries its destination in a TCP option.
-        self.optionEmitter = OptionEmitter(reactor)
+        self.optionEmitter = OptionEmitter.shared(reactor)
         self.listeners: list[StreamServerEndpointService] = []
         for settings in config.listeners:
             self._makeListener(settings)
@@ -230,7 +230,7 @@ class ProxyService(MultiService):
         """
         d = super().stopService()
         self.early.stop()
-        self.optionEmitter.stop()
+        self.optionEmitter.release()
 
         def closeFlows(result: object) -> object:
             for flow in list(self.table.flows):

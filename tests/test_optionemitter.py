@@ -176,5 +176,10 @@ class ChainTests(unittest.TestCase):
         emitter = first.service.optionEmitter
         self.assertGreaterEqual(emitter.emitted, 1)
         self.assertIn(emitter.comment, mangleRules())
+        # The proxies of one process share the queue; the last one to stop
+        # removes the rule.
+        self.assertIs(second.service.optionEmitter, emitter)
         yield first.stop()
+        self.assertIn(emitter.comment, mangleRules())
+        yield second.stop()
         self.assertNotIn(emitter.comment, mangleRules())
