@@ -4,8 +4,9 @@ One access-log line per flow, through C{twisted.logger}.
 
 Each event carries the flow's fields as keys (C{client}, C{destination},
 C{nextHop}, C{mode}, C{startedBy}, C{times}, C{bytesFromClient},
-C{bytesFromServer}, C{outcome}, C{reason}) so an observer can format or
-ship them as it likes; the text form is one line.
+C{bytesFromServer}, C{outcome}, C{reason}, and C{origin}: the original
+client a PROXY header named, or L{None}) so an observer can format or ship
+them as it likes; the text form is one line.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ log = Logger(namespace="miniproxy.access")
 _FORMAT = (
     "{client} -> {destination} via {nextHop} mode={mode} started-by={startedBy} "
     "connect={connectMs} ttfb={ttfbMs} duration={durationMs} "
-    "up={bytesFromClient} down={bytesFromServer} outcome={outcome}{because}"
+    "up={bytesFromClient} down={bytesFromServer} outcome={outcome}{fromOrigin}{because}"
 )
 
 
@@ -34,6 +35,7 @@ def flowFields(flow: Any) -> dict[str, Any]:
     The access-log fields of a closed flow.
     """
     times = flow.times
+    origin = getattr(flow, "origin", None)
     begin = times.synSeen if times.synSeen is not None else times.accepted
     return {
         "client": str(flow.client),
@@ -50,6 +52,9 @@ def flowFields(flow: Any) -> dict[str, Any]:
         "outcome": flow.outcome.value if flow.outcome else "-",
         "reason": flow.reason,
         "because": f" reason={flow.reason!r}" if flow.reason else "",
+        # The original client an explicit carrier (a PROXY header) named.
+        "origin": str(origin) if origin is not None else None,
+        "fromOrigin": f" origin={origin}" if origin is not None else "",
     }
 
 

@@ -33,6 +33,11 @@ class DestinationSource(Enum):
     NONE = "none"
 
 
+#: The carriers of an explicit destination a next hop can write
+#: (C{carry=} in a next hop description).
+NEXT_HOP_CARRIERS = ("proxy-v2", "tcp-option")
+
+
 @frozen
 class HostPort:
     """
@@ -133,6 +138,16 @@ class NextHop:
         (C{TCP_FASTOPEN_CONNECT}): the SYN then waits for the first bytes
         and carries them once the kernel holds a cookie for the server.
         Plain TCP to an address literal only.
+    @ivar carry: The carrier of the flow's explicit destination to write on
+        the outgoing leg, or L{None}.  C{"proxy-v2"} writes a PROXY
+        protocol v2 header (see L{miniproxy.carriers}) as the leg's very
+        first bytes: the flow's origin (or client) as its source and the
+        flow's destination as its destination, so that the next proxy (a
+        miniproxy listener with C{explicit = ["proxy-v2"]}, or HAProxy with
+        C{accept-proxy}) learns both.  Only this hop is told: the hops of a
+        policy C{chain} after it are not encoded, each proxy's own policy
+        picks its next hop.  Plain TCP next hops only (on a TLS hop the
+        header would have to precede the handshake).
     """
 
     address: HostPort
@@ -141,6 +156,7 @@ class NextHop:
     caCertificates: str | None = None
     bindAddress: str | None = field(default=None)
     fastOpen: bool = False
+    carry: str | None = None
 
     def __str__(self) -> str:
         return ("tls:" if self.tls else "tcp:") + str(self.address)
@@ -153,6 +169,7 @@ class NextHop:
         Accepted forms::
 
             tcp:host=HOST:port=PORT[:bindAddress=ADDR][:fastopen=yes]
+                [:carry=proxy-v2]
             tcp:HOST:PORT
             tls:host=HOST:port=PORT[:hostname=NAME][:trustRoots=PEMFILE]
             tls:HOST:PORT
@@ -181,7 +198,7 @@ class NextHop:
         where = f"bad next hop {description!r}"
         if kind not in ("tcp", "tls"):
             raise ConfigError(f"{where}: kind must be tcp or tls, not {kind!r}")
-        known = {"host", "port", "bindAddress", "timeout", "fastopen"}
+        known = {"host", "port", "bindAddress", "timeout", "fastopen", "carry"}
         if kind == "tls":
             known |= {"hostname", "trustRoots"}
         unknown = set(kwargs) - known
@@ -204,6 +221,17 @@ class NextHop:
             raise ConfigError(f"{where}: fastopen must be yes or no, not {fastOpen!r}")
         if fastOpen == "yes" and kind == "tls":
             raise ConfigError(f"{where}: fastopen is for plain tcp next hops")
+        carry = kwargs.get("carry")
+        if carry is not None and carry not in NEXT_HOP_CARRIERS:
+            raise ConfigError(
+                f"{where}: carry must be one of {', '.join(NEXT_HOP_CARRIERS)}, "
+                f"not {carry!r}"
+            )
+        if carry is not None and kind == "tls":
+            raise ConfigError(
+                f"{where}: carry is for plain tcp next hops (a PROXY header "
+                f"would have to precede the TLS handshake)"
+            )
         return cls(
             HostPort(host, port),
             tls=(kind == "tls"),
@@ -211,6 +239,7 @@ class NextHop:
             caCertificates=kwargs.get("trustRoots"),
             bindAddress=kwargs.get("bindAddress"),
             fastOpen=(fastOpen == "yes"),
+            carry=carry,
         )
 
     @classmethod

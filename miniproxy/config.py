@@ -52,8 +52,10 @@ _LISTENER_KEYS = {
     "fast-open",
 }
 
-#: The carriers of an explicit destination a listener can read.
-EXPLICIT_CARRIERS = ("tcp-option",)
+#: The carriers of an explicit destination a listener can read: the flow
+#: address TCP option in the SYN, and a PROXY protocol v2 header at the
+#: start of the stream (see L{miniproxy.carriers}).
+EXPLICIT_CARRIERS = ("tcp-option", "proxy-v2")
 
 
 @frozen

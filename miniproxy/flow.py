@@ -189,6 +189,8 @@ class Flow:
         "outcome",
         "reason",
         "allowed",
+        "origin",
+        "proxyHeader",
         "_context",
         "_chain",
         "_accepted",
@@ -204,6 +206,8 @@ class Flow:
         "_idleCall",
         "_lastActivity",
         "_finished",
+        "_carrier",
+        "_awaitingCarrier",
     )
 
     def __init__(
@@ -224,6 +228,10 @@ class Flow:
         self.outcome: Outcome | None = None
         self.reason: str | None = None
         self.allowed = False
+        self.origin: HostPort | None = None
+        self.proxyHeader: Any = None
+        self._carrier: Any = None
+        self._awaitingCarrier = False
         self._chain = HandlerChain(())
         self._accepted: Leg | None = None
         self._outgoing: Leg | None = None
@@ -294,10 +302,48 @@ class Flow:
             self._idleCall = context.reactor.callLater(
                 context.limits.idleTimeout, self._checkIdle
             )
+        if self._awaitingCarrier:
+            # The destination is still to be read from the client's first
+            # bytes: the hooks and the outgoing leg wait for it.
+            return
         if not self._runLifecycleHook("earlySyn"):
             return
         if self.mode is ConnectMode.EARLY:
             self._startOutgoing(moment)
+
+    def readCarrier(self, reader: Any, awaiting: bool) -> None:
+        """
+        Read an explicit carrier at the start of the client's stream (a
+        PROXY v2 header): every byte from the client goes through
+        C{reader} first, until it is done.  Call it before L{begin}.
+
+        @param reader: A L{miniproxy.carriers.ICarrierReader}.
+        @param awaiting: Whether the flow's destination is in those bytes
+            (it was not known at the SYN): the flow then begins (its
+            early-SYN hooks run, its outgoing leg may start) only once
+            C{reader} is done, as if it had just been accepted.
+        """
+        self._carrier = reader
+        self._awaitingCarrier = awaiting
+
+    def _readCarrier(self, data: bytes) -> bytes:
+        # The client's bytes while a carrier is read: what follows it.
+        reader = self._carrier
+        rest = reader.feed(self, data)
+        if self.outcome is not None or not reader.done:
+            return b""
+        self._carrier = None
+        if self._awaitingCarrier:
+            self._awaitingCarrier = False
+            if not self._runLifecycleHook("earlySyn"):
+                return b""
+            if self.mode is ConnectMode.EARLY:
+                self._startOutgoing(Moment.ACCEPT)
+            if self._accepted is not None and self.outcome is None:
+                self._acceptedGoesOn(self._accepted)
+            if self.outcome is not None:
+                return b""
+        return rest or b""
 
     def acceptedLegMade(self, leg: Leg) -> None:
         """
@@ -316,6 +362,13 @@ class Flow:
             else:
                 self._closeAccepted()
             return
+        if self._awaitingCarrier:
+            # The rest waits until the carrier naming the destination is
+            # read from this leg.
+            return
+        self._acceptedGoesOn(leg)
+
+    def _acceptedGoesOn(self, leg: Leg) -> None:
         outgoing = self._outgoing
         if outgoing is not None:
             # The outgoing leg connected first (at the SYN): pair them now.
@@ -363,7 +416,11 @@ class Flow:
             self._shutdownWrite(leg)
 
     def _startOutgoing(self, moment: Moment) -> None:
-        if self.startedBy is not None or self.outcome is not None:
+        if (
+            self.startedBy is not None
+            or self.outcome is not None
+            or self._awaitingCarrier
+        ):
             return
         if self.destinationSource is not DestinationSource.STATIC and (
             self.destination is not None or self.nextHop is not None
@@ -380,11 +437,24 @@ class Flow:
         if nextHop is None:
             self.refuse("no destination: configure 'to' or a policy next hop")
             return
+        preamble = b""
+        if nextHop.carry is not None:
+            # The next proxy is told the destination in the leg's first
+            # bytes, ready before the dial (so a Fast Open SYN carries it).
+            from miniproxy.carriers import preambleFor
+
+            try:
+                preamble = preambleFor(self, nextHop)
+            except ValueError as e:
+                self.refuse(f"{nextHop}: cannot write a {nextHop.carry} header: {e}")
+                return
         self.startedBy = moment
         self.times.outgoingStarted = self._now()
         from miniproxy.legs import OutgoingLegFactory
 
-        d = self._context.dialer.connect(nextHop, OutgoingLegFactory(self))
+        d = self._context.dialer.connect(
+            nextHop, OutgoingLegFactory(self, preamble=preamble)
+        )
         self._connecting = d
         # The result may already be there (a dialer that connects or fails
         # at once): the callbacks then run now, and clear _connecting.
@@ -438,6 +508,10 @@ class Flow:
         """
         if self.outcome is not None:
             return
+        if self._carrier is not None:
+            data = self._readCarrier(data)
+            if not data:
+                return
         if not self.bytesFromClient:
             self.times.firstByteFromClient = self._now()
         self.bytesFromClient += len(data)
@@ -530,6 +604,9 @@ class Flow:
         """
         self.times.clientHalfClosed = self._now()
         if self.outcome is not None:
+            return
+        if self._carrier is not None:
+            self.refuse(f"client closed before its {self._carrier.what} was complete")
             return
         if not self._runHook("clientHalfClosed"):
             return
@@ -734,6 +811,9 @@ class Flow:
             # Not accepted yet (SYN seen): the flow lives on.
             return
         self._finished = True
+        carrier, self._carrier = self._carrier, None
+        if carrier is not None:
+            carrier.stop()
         self._setOutcome(Outcome.OK, None)
         self.times.closed = self._now()
         if self._idleCall is not None and self._idleCall.active():

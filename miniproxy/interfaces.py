@@ -80,6 +80,17 @@ class IFlow(Interface):
         "L{bool}: whether a policy decision allowed a non-static destination."
         "  Set it with L{allow}."
     )
+    origin = Attribute(
+        "L{miniproxy.address.HostPort} or L{None}: the original client, when "
+        "an explicit carrier named it (the source of a PROXY v2 header: "
+        "C{client} is then the proxy that sent the header)."
+    )
+    proxyHeader = Attribute(
+        "L{miniproxy.wire.proxyv2.ProxyHeader} or L{None}: the PROXY v2 "
+        "header the flow began with, on a listener that reads them, with "
+        "its TLVs (C{proxyHeader.tlvs}, C{proxyHeader.tlv(kind)}).  Set "
+        "before the early-SYN hooks run."
+    )
 
     def allow() -> None:
         """

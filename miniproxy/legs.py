@@ -219,8 +219,13 @@ class AcceptedLeg(Leg):
         if flow is None:
             flow = Flow(context, client, local)
             self.flow = flow
-            context.prepareFlow(flow, transport)
-            flow.begin(Moment.ACCEPT)
+            refusal = context.prepareFlow(flow, transport)
+            if refusal is not None:
+                # Refused before it began (an untrusted peer on a listener
+                # that reads PROXY headers): the leg is closed at once.
+                flow.refuse(refusal)
+            else:
+                flow.begin(Moment.ACCEPT)
         else:
             # Begun at its SYN: its outgoing leg may be connected already.
             self.flow = flow
@@ -242,13 +247,18 @@ class OutgoingLeg(Leg):
     """
 
     fastOpen = False
+    #: The bytes written before any other: the header that tells the next
+    #: proxy the flow's destination (see L{miniproxy.carriers}), or none.
+    preamble = b""
 
     def connectionMade(self) -> None:
         """
-        Connected (with TCP Fast Open: about to send its SYN): join the
-        flow.
+        Connected (with TCP Fast Open: about to send its SYN): write the
+        preamble, then join the flow.
         """
         self.fastOpen = usesFastOpen(self.transport)
+        if self.preamble:
+            self.transport.write(self.preamble)  # type: ignore[union-attr]
         self.flow.outgoingLegMade(self)
 
     def _whenHandshakeDone(self, action: Any) -> bool:
@@ -326,8 +336,14 @@ class OutgoingLegFactory(Factory):
 
     noisy = False
 
-    def __init__(self, flow: Flow) -> None:
+    def __init__(self, flow: Flow, preamble: bytes = b"") -> None:
+        """
+        @param flow: The flow.
+        @param preamble: The bytes the leg writes first, before any of the
+            flow's (a PROXY v2 header for the next proxy), or none.
+        """
         self.flow = flow
+        self.preamble = preamble
 
     def buildProtocol(self, addr: Any) -> OutgoingLeg:
         """
@@ -336,4 +352,5 @@ class OutgoingLegFactory(Factory):
         leg = OutgoingLeg()
         leg.flow = self.flow
         leg.factory = self
+        leg.preamble = self.preamble
         return leg

@@ -45,7 +45,9 @@ class ListenerSettings:
         ports whose SYNs the tap watches (its own port is never the SYN's
         destination there).
     @ivar explicit: The carriers of an explicit destination this listener
-        reads: C{"tcp-option"} (the flow address TCP option in the SYN).
+        reads: C{"tcp-option"} (the flow address TCP option in the SYN),
+        C{"proxy-v2"} (a PROXY protocol v2 header, the first bytes of every
+        flow; see L{miniproxy.carriers}).
     @ivar trusted: The networks whose explicit carriers are believed;
         a carrier from anyone else refuses the flow.
     @ivar fastOpen: Whether the listening socket accepts TCP Fast Open
@@ -154,13 +156,23 @@ class ListenerContext:
         self.table = table
         self.onFlowClosed = onFlowClosed
 
-    def prepareFlow(self, flow: Any, transport: Any) -> None:
+    def prepareFlow(self, flow: Any, transport: Any) -> str | None:
         """
-        Fill in what the accepted transport tells about a new flow: the
-        original destination of an intercepted flow.
+        Fill in what the accepted transport tells about a new flow (begun
+        at accept): the original destination of an intercepted flow.  On a
+        listener that reads PROXY v2 headers, the flow is set to wait for
+        its header (see L{miniproxy.carriers}).
+
+        @return: L{None}, or why the flow must be refused (an untrusted peer
+            on a listener that reads PROXY v2 headers).
         """
         if self.transparent and flow.destinationSource is DestinationSource.TRANSPARENT:
             flow.destination = originalDestination(transport)
+        if "proxy-v2" in self.settings.explicit:
+            from miniproxy.carriers import prepareAtAccept
+
+            return prepareAtAccept(self, flow)
+        return None
 
     def isTrusted(self, client: HostPort) -> bool:
         """
@@ -174,11 +186,22 @@ class ListenerContext:
     def prepareFlowAtSyn(self, flow: Any, segment: Any) -> str | None:
         """
         Fill in what the SYN tells about a new flow: an explicit destination
-        carried in the flow address TCP option.
+        carried in the flow address TCP option, or in a PROXY v2 header the
+        SYN carries as data (TCP Fast Open).  On a listener that reads PROXY
+        v2 headers, a flow whose SYN carries no complete header waits for it
+        (see L{miniproxy.carriers}).
 
         @return: L{None}, or why the flow must be refused (a carrier from an
             untrusted peer, a malformed carrier).
         """
+        refusal = self._tcpOptionAtSyn(flow, segment)
+        if refusal is None and "proxy-v2" in self.settings.explicit:
+            from miniproxy.carriers import prepareAtSyn
+
+            refusal = prepareAtSyn(self, flow, segment)
+        return refusal
+
+    def _tcpOptionAtSyn(self, flow: Any, segment: Any) -> str | None:
         if "tcp-option" not in self.settings.explicit:
             return None
         from miniproxy.wire import tcpoption
