@@ -11,7 +11,10 @@ the configured order, at every step of the flow's life.
 Every hook returns a L{miniproxy.verdict.Verdict}: C{CONTINUE} lets the next
 function's hook run and the proxy take its default action; C{STOP} ends the
 chain for this event, and, for data and half-close events, tells the proxy
-that the handler has taken the event over (see each hook).  The model is
+that the handler has taken the event over (see each hook).  For the
+lifecycle events (early SYN, accepted, outgoing connected) C{STOP} only
+skips the later functions' hooks: the proxy still takes its next step; a
+handler that wants the flow stopped refuses or aborts it.  The model is
 Envoy's network filters (C{Continue} / C{StopIteration}) together with
 mitmproxy's C{server_connect} hook.
 """
