@@ -89,8 +89,12 @@ def _loadTrustRoot(path: str) -> Any:
 
     with open(path, "rb") as f:
         pem = f.read()
-    marker = b"-----END CERTIFICATE-----"
-    blocks = [block + marker for block in pem.split(marker) if b"-----BEGIN" in block]
+    begin = b"-----BEGIN CERTIFICATE-----"
+    end = b"-----END CERTIFICATE-----"
+    # Each certificate, without the text a bundle may have between them.
+    blocks = [
+        block[block.index(begin):] + end for block in pem.split(end) if begin in block
+    ]
     if not blocks:
         raise ValueError(f"{path}: no PEM certificate found")
     return ssl.trustRootFromCertificates(
