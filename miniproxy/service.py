@@ -78,6 +78,26 @@ def withBacklog(description: str, backlog: int) -> str:
     return description
 
 
+def _portOf(service: StreamServerEndpointService) -> Deferred:
+    """
+    A new L{Deferred} with the result of a started listener's
+    C{_waitingForPort}.  Never hand out C{_waitingForPort} itself: whoever
+    waits on it (C{yield} in C{inlineCallbacks}) would take the port from
+    the listener, which then cannot stop listening.
+    """
+    port: Deferred = Deferred()
+
+    def forward(result: Any) -> Any:
+        if isinstance(result, Failure):
+            port.errback(result)
+        else:
+            port.callback(result)
+        return result
+
+    service._waitingForPort.addBoth(forward)
+    return port
+
+
 class ProxyService(MultiService):
     """
     A running miniproxy: one L{StreamServerEndpointService} per listener.
@@ -148,7 +168,7 @@ class ProxyService(MultiService):
             service.startService()
         if self.running:
             self._announce(service)
-        return service._waitingForPort
+        return _portOf(service)
 
     def startService(self) -> None:
         """
@@ -207,19 +227,7 @@ class ProxyService(MultiService):
             L{twisted.internet.interfaces.IListeningPort}, in the order of
             C{listeners}, or failing if a listener could not listen.
         """
-        waiting = []
-        for service in self.listeners:
-            port: Deferred = Deferred()
-
-            def forward(result: Any, port: Deferred = port) -> Any:
-                if isinstance(result, Failure):
-                    port.errback(result)
-                else:
-                    port.callback(result)
-                return result
-
-            service._waitingForPort.addBoth(forward)
-            waiting.append(port)
+        waiting = [_portOf(service) for service in self.listeners]
         return gatherResults(waiting, consumeErrors=True).addErrback(
             lambda f: f.value.subFailure if f.check(FirstError) else f
         )

@@ -1,0 +1,249 @@
+"""
+Tests for L{miniproxy.service}: a L{ProxyService} with several listeners,
+listeners added while it runs, stopping it, and bad listen endpoints.
+
+These run the service on real loopback sockets (see L{tests.support}).
+"""
+
+from __future__ import annotations
+
+import socket
+from typing import Any
+
+from twisted.internet import defer, error
+from twisted.trial import unittest
+
+from miniproxy.address import NextHop
+from miniproxy.config import buildConfig
+from miniproxy.errors import ConfigError
+from miniproxy.flow import ConnectMode, Outcome
+from miniproxy.listener import ListenerSettings
+from miniproxy.service import ProxyService, withBacklog
+from tests.support import TEST_TIMEOUT, LogCapture, Network, waitUntil, withTimeout
+
+LOCAL = "tcp:0:interface=127.0.0.1"
+
+
+class ServiceTests(unittest.TestCase):
+    """
+    A running L{ProxyService}.
+    """
+
+    timeout = TEST_TIMEOUT
+
+    @defer.inlineCallbacks
+    def exchange(self, net: Network, port: int, servers: Any, message: bytes) -> Any:
+        """
+        Send C{message} through the proxy at C{port}, have the server echo
+        it, and close.
+
+        @return: The client and server peers.
+        """
+        client = yield net.connect(port)
+        client.transport.write(message)
+        client.transport.loseWriteConnection()
+        server = yield servers.nextPeer()
+        yield withTimeout(
+            defer.gatherResults([client.lost, server.lost]), 10, "the exchange to end"
+        )
+        self.assertEqual(server.received, message)
+        self.assertEqual(client.received, message)
+        return client, server
+
+    @defer.inlineCallbacks
+    def test_severalListeners(self) -> Any:
+        """
+        Each listener relays to its own next hop; L{ProxyService.whenListening}
+        gives their ports in the order of the listeners, and each is
+        announced in the log with its bound port.
+        """
+        net = Network(self)
+        logs = LogCapture(self)
+        portA, serversA = net.server(echo=True)
+        portB, serversB = net.server(echo=True)
+        proxy = yield net.startProxy(
+            None,
+            listen=None,
+            document={
+                "listeners": [
+                    {"endpoint": LOCAL, "to": f"tcp:host=127.0.0.1:port={portA}"},
+                    {"endpoint": LOCAL, "to": f"tcp:host=127.0.0.1:port={portB}"},
+                ]
+            },
+        )
+        self.assertEqual(len(proxy.ports), 2)
+        self.assertNotEqual(proxy.ports[0], proxy.ports[1])
+        announced = [e["port"] for e in logs.matching("miniproxy.service")
+                     if e.get("log_format", "").startswith("miniproxy listening on")]
+        self.assertEqual(sorted(announced), sorted(proxy.ports))
+
+        yield self.exchange(net, proxy.ports[1], serversB, b"to B")
+        yield self.exchange(net, proxy.ports[0], serversA, b"to A")
+        flowB, flowA = yield proxy.waitForClosed(2)
+        self.assertEqual((flowA.local.port, flowA.nextHop.address.port),
+                         (proxy.ports[0], portA))
+        self.assertEqual((flowB.local.port, flowB.nextHop.address.port),
+                         (proxy.ports[1], portB))
+        self.assertEqual(len(serversA.peers), 1)
+        self.assertEqual(len(serversB.peers), 1)
+
+    @defer.inlineCallbacks
+    def test_addListener(self) -> Any:
+        """
+        L{ProxyService.addListener} starts a listener on the running
+        service; it relays, and it stops with the service.
+        """
+        net = Network(self)
+        portA, serversA = net.server(echo=True)
+        portB, serversB = net.server(echo=True)
+        proxy = yield net.startProxy(f"tcp:host=127.0.0.1:port={portA}")
+        service = proxy.service
+        listening = yield service.addListener(
+            ListenerSettings(
+                endpoint=LOCAL,
+                mode=ConnectMode.ACCEPT,
+                to=NextHop.fromString(f"tcp:host=127.0.0.1:port={portB}"),
+            )
+        )
+        added = listening.getHost().port
+        self.assertEqual(len(service.listeners), 2)
+        self.assertTrue(service.listeners[1].running)
+        ports = yield service.whenListening()
+        self.assertEqual([p.getHost().port for p in ports], [proxy.port, added])
+
+        yield self.exchange(net, added, serversB, b"through the new listener")
+        flow = yield proxy.nextClosed()
+        self.assertEqual(flow.outcome, Outcome.OK)
+        self.assertEqual(flow.mode, ConnectMode.ACCEPT)
+        self.assertEqual(serversA.peers, [])
+
+        yield proxy.stop()
+        yield self.assertFailure(net.connect(added), error.ConnectionRefusedError)
+
+    @defer.inlineCallbacks
+    def test_stopService(self) -> Any:
+        """
+        Stopping the service closes its listeners and resets its open flows,
+        among them one still connecting: each is C{aborted} because the
+        service stops, and the clients and servers see resets.
+        """
+        net = Network(self)
+        serverPort, servers = net.server()
+        proxy = yield net.startProxy(
+            None,
+            listen=None,
+            document={
+                "listeners": [
+                    {"endpoint": LOCAL, "to": f"tcp:host=127.0.0.1:port={serverPort}"},
+                    {"endpoint": LOCAL,
+                     "to": f"tcp:host=127.0.0.1:port={net.blackHolePort()}"},
+                ]
+            },
+        )
+        open1 = yield net.connect(proxy.ports[0])
+        open1.transport.write(b"hello")
+        server = yield servers.nextPeer()
+        yield server.waitForBytes(5)
+        connecting = yield net.connect(proxy.ports[1])
+        yield waitUntil(lambda: len(proxy.openFlows()) == 2, "two open flows")
+
+        yield defer.maybeDeferred(proxy.service.stopService)
+        yield withTimeout(
+            defer.gatherResults([open1.lost, server.lost, connecting.lost]),
+            10, "the flows' connections to end",
+        )
+        flows = yield proxy.waitForClosed(2)
+        self.assertEqual({f.outcome for f in flows}, {Outcome.ABORTED})
+        self.assertEqual({f.reason for f in flows}, {"service stopping"})
+        self.assertTrue(open1.wasReset(), open1.reason)
+        self.assertTrue(server.wasReset(), server.reason)
+        self.assertTrue(connecting.wasReset(), connecting.reason)
+        for port in proxy.ports:
+            yield self.assertFailure(net.connect(port), error.ConnectionRefusedError)
+        self.assertEqual(proxy.openFlows(), [])
+
+    @defer.inlineCallbacks
+    def test_portInUse(self) -> Any:
+        """
+        A listener whose port is taken fails L{ProxyService.startService}
+        (so that twistd does not run without it).
+        """
+        from twisted.internet import reactor
+
+        taken = socket.socket()
+        self.addCleanup(taken.close)
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        config = buildConfig(
+            {}, listen=[f"tcp:{port}:interface=127.0.0.1"], to="tcp:host=127.0.0.1:port=9"
+        )
+        service = ProxyService(config, reactor)
+        self.assertRaises(error.CannotListenError, service.startService)
+        yield defer.maybeDeferred(service.stopService)
+
+
+class BadListenerTests(unittest.TestCase):
+    """
+    A listen endpoint Twisted cannot parse is a L{ConfigError} naming it.
+    """
+
+    def config(self, endpoint: str) -> Any:
+        return buildConfig({}, listen=[endpoint], to="tcp:host=127.0.0.1:port=9")
+
+    def test_badEndpoints(self) -> None:
+        """
+        An unknown endpoint kind, a port that is not a number and an
+        unknown parameter are each refused when the service is made.
+        """
+        from twisted.internet import reactor
+
+        for endpoint in (
+            "nonsense:8080",
+            "tcp:notaport:interface=127.0.0.1",
+            "tcp:8080:bogus=1",
+        ):
+            e = self.assertRaises(ConfigError, ProxyService, self.config(endpoint), reactor)
+            self.assertIn("bad listen endpoint", str(e))
+            self.assertIn(repr(endpoint), str(e))
+
+    def test_addBadListener(self) -> None:
+        """
+        L{ProxyService.addListener} with a bad endpoint raises L{ConfigError}
+        and leaves the service's listeners as they were.
+        """
+        from twisted.internet import reactor
+
+        service = ProxyService(self.config("tcp:0:interface=127.0.0.1"), reactor)
+        e = self.assertRaises(
+            ConfigError,
+            service.addListener,
+            ListenerSettings(endpoint="nonsense:1", mode=ConnectMode.EARLY),
+        )
+        self.assertIn("'nonsense:1'", str(e))
+        self.assertEqual(len(service.listeners), 1)
+
+    def test_unknownFunction(self) -> None:
+        """
+        A function that is not installed is a L{ConfigError} naming it and
+        the installed ones.
+        """
+        from twisted.internet import reactor
+
+        config = buildConfig(
+            {}, listen=[LOCAL], to="tcp:host=127.0.0.1:port=9", functions=["no-such"]
+        )
+        e = self.assertRaises(ConfigError, ProxyService, config, reactor)
+        self.assertIn("'no-such'", str(e))
+        self.assertIn("split-tcp", str(e))
+
+    def test_backlog(self) -> None:
+        """
+        L{withBacklog} adds the configured backlog to TCP endpoints that
+        have none, and leaves others alone.
+        """
+        self.assertEqual(withBacklog("tcp:80", 7), "tcp:80:backlog=7")
+        self.assertEqual(withBacklog("tcp:80:backlog=3", 7), "tcp:80:backlog=3")
+        self.assertEqual(withBacklog("unix:/tmp/s", 7), "unix:/tmp/s")
+
+
