@@ -26,7 +26,6 @@ from __future__ import annotations
 import ipaddress
 import os
 import random
-import re
 import subprocess
 import sys
 from typing import Any
@@ -44,7 +43,6 @@ from twisted.trial import unittest
 from zope.interface import implementer
 
 from miniproxy.testbed.netns import (
-    Namespace,
     NetnsError,
     Testbed,
     namespacesUnavailable,
