@@ -59,9 +59,19 @@ class HostPort:
     def fromAddress(cls, address: object) -> HostPort:
         """
         Convert a Twisted L{twisted.internet.address.IPv4Address} or
-        L{twisted.internet.address.IPv6Address}.
+        L{twisted.internet.address.IPv6Address}.  An IPv4 peer of a
+        dual-stack IPv6 socket (C{::ffff:a.b.c.d}) is the IPv4 address it
+        is, so that logs, per-source limits and policy see one address.
         """
-        return cls(address.host, address.port)  # type: ignore[attr-defined]
+        host = address.host  # type: ignore[attr-defined]
+        if host.startswith("::ffff:") and "." in host:
+            try:
+                mapped = ipaddress.IPv6Address(host).ipv4_mapped
+            except ValueError:
+                mapped = None
+            if mapped is not None:
+                host = str(mapped)
+        return cls(host, address.port)  # type: ignore[attr-defined]
 
     def ipAddress(self) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
         """

@@ -13,6 +13,7 @@ from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, FirstError, gatherResults
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -169,6 +170,16 @@ class ProxyService(MultiService):
         if self.running:
             self._announce(service)
         return _portOf(service)
+
+    def privilegedStartService(self) -> None:
+        """
+        Bind the listeners (twistd does this before dropping privileges).  A
+        listener that cannot listen stops twistd with one clear line.
+        """
+        try:
+            super().privilegedStartService()
+        except CannotListenError as e:
+            raise SystemExit(f"miniproxy: {e}") from None
 
     def startService(self) -> None:
         """

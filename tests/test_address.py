@@ -41,6 +41,10 @@ class HostPortTests(unittest.TestCase):
         self.assertEqual(
             HostPort.fromAddress(IPv6Address("TCP", "::1", 6)), HostPort("::1", 6)
         )
+        self.assertEqual(
+            HostPort.fromAddress(IPv6Address("TCP", "::ffff:10.0.1.1", 7)),
+            HostPort("10.0.1.1", 7),
+        )
 
     def test_ipAddress(self) -> None:
         self.assertEqual(
