@@ -132,4 +132,18 @@ def makeService(options: Options, reactor: Any = None) -> Any:
         return ProxyService(config, reactor)
     except ConfigError as e:
         # twistd prints this and exits 1, instead of a traceback.
-        raise SystemExit(f"miniproxy: configuration error: {e}")
+        raise SystemExit(f"miniproxy: configuration error: {_blame(options, str(e))}")
+
+
+def _blame(options: Options, message: str) -> str:
+    """
+    Name the config file in C{message} about a function's configuration,
+    unless the function was enabled on the command line (C{--function}).
+    """
+    path = options["config"]
+    if not path:
+        return message
+    for name in options["functions"]:
+        if f"function.{name}." in message or f"named {name!r}" in message:
+            return message
+    return f"{path}: {message}"
