@@ -1,0 +1,217 @@
+# -*- test-case-name: tests.test_benchmarks -*-
+"""
+The measurements made inside one Python process: adding a listener to a
+running miniproxy service, and the cost of a no-op function's hooks on the
+in-memory relay of L{miniproxy.testing.FlowHarness}.
+
+Run as C{python -m benchmarks.inproc listener BACKEND_PORT RUNS} or
+C{python -m benchmarks.inproc hooks FLOWS CHUNKS}; each prints one JSON
+object.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import statistics
+import sys
+import time
+from typing import Any, Callable
+
+from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.protocol import Protocol
+
+from miniproxy.address import NextHop
+from miniproxy.config import buildConfig
+from miniproxy.flow import ConnectMode
+from miniproxy.listener import ListenerSettings
+
+
+class FirstByte(Protocol):
+    """
+    A client that waits for one byte.
+
+    @ivar received: Fires with the time the first byte came.
+    """
+
+    def __init__(self) -> None:
+        self.received: Deferred = Deferred()
+
+    def dataReceived(self, data: bytes) -> None:
+        """
+        Fire L{received} once.
+        """
+        if not self.received.called:
+            self.received.callback(time.perf_counter())
+
+    def connectionLost(self, reason: Any = None) -> None:
+        """
+        Fail L{received} if the connection ended before a byte came.
+        """
+        if not self.received.called:
+            self.received.errback(reason)
+
+
+async def listenerTimes(reactor: Any, backendPort: int, runs: int) -> dict[str, Any]:
+    """
+    Add C{runs} listeners, one at a time, to a running service (one per
+    connect mode in turn: C{accept}, then C{early}), and time each from the
+    call to L{miniproxy.service.ProxyService.addListener} until its port
+    listens, and until a client through it got the backend's first byte.
+
+    @param reactor: The running reactor.
+    @param backendPort: A local backend that sends a byte on accept.
+    @param runs: Listeners per mode.
+    @return: Per mode, the median, minimum and maximum times (ms) and every
+        run.
+    """
+    from miniproxy.service import ProxyService
+
+    to = f"tcp:host=127.0.0.1:port={backendPort}"
+    config = buildConfig(
+        {}, listen=["tcp:0:interface=127.0.0.1"], to=to, mode="accept",
+        limits={"max-flows-per-source": 100000},
+    )
+    service = ProxyService(config, reactor)
+    service.startService()
+    await service.whenListening()
+    results: dict[str, Any] = {}
+    try:
+        for mode in (ConnectMode.ACCEPT, ConnectMode.EARLY):
+            listening, firstByte = [], []
+            for _ in range(runs + 1):
+                settings = ListenerSettings(
+                    endpoint="tcp:0:interface=127.0.0.1", mode=mode,
+                    to=NextHop.fromString(to),
+                )
+                started = time.perf_counter()
+                port = await service.addListener(settings)
+                listened = time.perf_counter()
+                client = FirstByte()
+                await connectProtocol(
+                    TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port), client
+                )
+                received = await client.received
+                client.transport.loseConnection()
+                listening.append((listened - started) * 1000)
+                firstByte.append((received - started) * 1000)
+            # The first run pays for imports and first use: drop it.
+            listening, firstByte = listening[1:], firstByte[1:]
+            results[mode.value] = {
+                "listeningMedianMs": statistics.median(listening),
+                "firstByteMedianMs": statistics.median(firstByte),
+                "firstByteMinMs": min(firstByte),
+                "firstByteMaxMs": max(firstByte),
+                "firstByteRunsMs": firstByte,
+            }
+    finally:
+        await service.stopService()
+    return results
+
+
+def _timed(f: Callable[[], None], repeats: int = 3) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        gc.collect()
+        started = time.perf_counter()
+        f()
+        best = min(best, time.perf_counter() - started)
+    return best
+
+
+def hookCosts(flows: int, chunks: int) -> dict[str, Any]:
+    """
+    What the no-op function costs on the in-memory relay: the extra time
+    per flow (accept, connect, 100 bytes up, 1 KiB down, both FINs), and
+    per 1 KiB chunk relayed on an open flow.  Best of three runs each.
+
+    @param flows: Flows per run.
+    @param chunks: Chunks per run.
+    @return: Seconds per flow and per chunk without and with the function,
+        and the differences in microseconds and nanoseconds.
+    """
+    from benchmarks.noop import configure
+    from miniproxy.testing import FlowHarness
+
+    request, reply = b"q" * 100, b"r" * 1024
+
+    def flowRun(functions: tuple) -> Callable[[], None]:
+        def run() -> None:
+            harness = FlowHarness(functions, mode=ConnectMode.ACCEPT)
+            for _ in range(flows):
+                driver = harness.accept()
+                driver.connectOutgoing()
+                driver.clientSends(request)
+                driver.serverSends(reply)
+                driver.clientHalfCloses()
+                driver.serverHalfCloses()
+            assert len(harness.closedFlows) == flows, "flows did not all close"
+
+        return run
+
+    def chunkRun(functions: tuple) -> Callable[[], None]:
+        def run() -> None:
+            harness = FlowHarness(functions, mode=ConnectMode.ACCEPT)
+            driver = harness.accept()
+            driver.connectOutgoing()
+            server = driver.serverTransport
+            for i in range(chunks):
+                driver.clientSends(reply)
+                if i % 256 == 0:
+                    server.clear()
+            driver.clientHalfCloses()
+            driver.serverHalfCloses()
+
+        return run
+
+    noop = (configure({}, None),)
+    plainFlow = _timed(flowRun(())) / flows
+    noopFlow = _timed(flowRun(noop)) / flows
+    plainChunk = _timed(chunkRun(())) / chunks
+    noopChunk = _timed(chunkRun(noop)) / chunks
+    return {
+        "flows": flows,
+        "chunks": chunks,
+        "plainFlowUs": plainFlow * 1e6,
+        "noopFlowUs": noopFlow * 1e6,
+        "perFlowUs": (noopFlow - plainFlow) * 1e6,
+        "plainChunkNs": plainChunk * 1e9,
+        "noopChunkNs": noopChunk * 1e9,
+        "perChunkNs": (noopChunk - plainChunk) * 1e9,
+    }
+
+
+def main(argv: list[str]) -> int:
+    """
+    Run one in-process measurement and print its JSON result.
+    """
+    what = argv[1] if len(argv) > 1 else ""
+    if what == "listener" and len(argv) == 4:
+        result: dict[str, Any] = {}
+
+        def run(reactor: Any) -> Deferred:
+            d = ensureDeferred(listenerTimes(reactor, int(argv[2]), int(argv[3])))
+            return d.addCallback(result.update)
+
+        from twisted.internet.task import react
+
+        try:
+            react(run)
+        except SystemExit as e:
+            if e.code:
+                return int(e.code)
+        print(json.dumps(result))
+        return 0
+    if what == "hooks" and len(argv) == 4:
+        print(json.dumps(hookCosts(int(argv[2]), int(argv[3]))))
+        return 0
+    sys.stderr.write(
+        "usage: python -m benchmarks.inproc listener BACKEND_PORT RUNS\n"
+        "       python -m benchmarks.inproc hooks FLOWS CHUNKS\n"
+    )
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

@@ -1,0 +1,534 @@
+# -*- test-case-name: tests.test_benchmarks -*-
+"""
+The measurements, each run against one peer at a time.
+
+A L{Bench} holds what the measurements share: the work directory, the
+C{mpbench} binary, and the processes to stop at the end.  Each
+measurement starts its own backend and peer, and stops them before it
+returns.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from contextlib import contextmanager
+from typing import Any, Iterator, Sequence
+
+from attrs import define, field
+
+from benchmarks.profile import finish, startRecording
+from benchmarks.peers import (
+    LOAD_CPU,
+    PROXY_CPU,
+    REPO,
+    Peer,
+    Process,
+    freePort,
+    listeningPorts,
+    memoryOf,
+    pinned,
+    waitFor,
+)
+
+
+def percentile(values: Sequence[float], p: float) -> float | None:
+    """
+    The C{p}th percentile of C{values} (nearest rank), or L{None} if there
+    are none.
+    """
+    if not values:
+        return None
+    ordered = sorted(values)
+    rank = max(1, math.ceil(p / 100 * len(ordered)))
+    return ordered[rank - 1]
+
+
+def mean(values: Sequence[float]) -> float | None:
+    """
+    The mean of C{values}, or L{None} if there are none.
+    """
+    return statistics.fmean(values) if values else None
+
+
+@define
+class Bench:
+    """
+    What the measurements of one run share.
+
+    @ivar workdir: Where configs and logs go.
+    @ivar binary: The C{mpbench} binary.
+    @ivar processes: The processes started and not yet stopped.
+    """
+
+    workdir: Path
+    binary: Path
+    processes: list[Process] = field(factory=list)
+
+    def start(self, name: str, command: Sequence[str], **kwargs: Any) -> Process:
+        """
+        Start a process that L{close} stops if it is still running.
+        """
+        process = Process.start(name, command, **kwargs)
+        self.processes.append(process)
+        return process
+
+    def stop(self, process: Process) -> None:
+        """
+        Stop a process now.
+        """
+        process.stop()
+        if process in self.processes:
+            self.processes.remove(process)
+
+    def close(self) -> None:
+        """
+        Stop every process still running.
+        """
+        while self.processes:
+            self.processes.pop().stop()
+
+    # -- backends and peers ----------------------------------------------
+
+    def backend(self, greet: int = 0, request: int = 0, reply: int = 0) -> tuple[Process, int]:
+        """
+        Start the C{mpbench} server on the load core.
+
+        @return: The process and its port.
+        """
+        process = self.start(
+            "backend",
+            pinned([str(self.binary), "server", "0", str(greet), str(request), str(reply)],
+                   LOAD_CPU),
+            stdout=subprocess.PIPE,
+        )
+        assert process.popen.stdout is not None
+        line = process.popen.stdout.readline().decode()
+        if not line.startswith("ready "):
+            self.stop(process)
+            raise RuntimeError(f"the mpbench server did not start: {line!r}")
+        return process, int(line.split()[1])
+
+    @contextmanager
+    def peer(self, peer: Peer, backendPort: int,
+             env: dict[str, str] | None = None) -> Iterator[int]:
+        """
+        Run C{peer} in front of C{backendPort} for the duration of the
+        C{with} block.
+
+        @return: The port clients connect to: the peer's, or the backend's
+            for C{direct}.
+        """
+        if not peer.proxy:
+            yield backendPort
+            return
+        port = freePort()
+        process = self.startPeer(peer, port, backendPort, env)
+        try:
+            yield port
+        finally:
+            self.stop(process)
+
+    def startPeer(self, peer: Peer, port: int, backendPort: int,
+                   env: dict[str, str] | None = None) -> Process:
+        """
+        Start C{peer} on C{port} and wait until it listens.
+        """
+        if env:
+            peer = type(peer)(peer.name, peer.label, peer.build,
+                              {**peer.env, **env}, peer.needs, peer.proxy)
+        process = peer.start(port, backendPort, self.workdir)
+        self.processes.append(process)
+        return process
+
+    def peerProcess(self) -> Process | None:
+        """
+        The most recently started peer process that is still running.
+        """
+        for process in reversed(self.processes):
+            if process.name not in ("backend", "iperf3-server", "hold"):
+                return process
+        return None
+
+    def runTool(self, args: Sequence[str], timeout: float) -> str:
+        """
+        Run C{mpbench} on the load core and return its output.
+        """
+        result = subprocess.run(
+            pinned([str(self.binary), *args], LOAD_CPU),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+        if result.returncode != 0:
+            raise RuntimeError(f"mpbench {args[0]} failed: {result.stderr}")
+        return result.stdout
+
+
+# -- 1. single-flow throughput ---------------------------------------------
+
+
+def throughput(bench: Bench, peer: Peer, seconds: float = 5.0,
+               env: dict[str, str] | None = None,
+               profileTo: Path | None = None) -> dict[str, Any]:
+    """
+    One iperf3 flow through C{peer} for C{seconds}.
+
+    @param profileTo: Sample the peer with py-spy during the run into
+        this file, and add the summary as C{profile}.
+
+    @return: C{gbps} (received), C{retransmits}, and C{cpuSender}/
+        C{cpuReceiver} (iperf3's own CPU use, percent).
+    """
+    port = freePort()
+    server = bench.start(
+        "iperf3-server",
+        pinned(["iperf3", "-s", "-B", "127.0.0.1", "-p", str(port)], LOAD_CPU),
+    )
+    try:
+        waitFor(lambda: port in listeningPorts(), 10, "iperf3 -s", server.popen)
+        with bench.peer(peer, port, env) as target:
+            recorder = _profile(bench, peer, seconds, profileTo)
+            result = subprocess.run(
+                pinned(
+                    ["iperf3", "-c", "127.0.0.1", "-p", str(target), "-t", str(seconds),
+                     "-J"],
+                    LOAD_CPU,
+                ),
+                capture_output=True,
+                text=True,
+                timeout=seconds + 30,
+            )
+            profile = finish(recorder, profileTo) if recorder is not None else None
+    finally:
+        bench.stop(server)
+    try:
+        report = json.loads(result.stdout)
+    except ValueError:
+        raise RuntimeError(f"iperf3 gave no JSON: {result.stdout[-500:]} {result.stderr}")
+    if "error" in report:
+        raise RuntimeError(f"iperf3: {report['error']}")
+    end = report["end"]
+    return {
+        "gbps": end["sum_received"]["bits_per_second"] / 1e9,
+        "bytes": end["sum_received"]["bytes"],
+        "seconds": end["sum_received"]["seconds"],
+        "retransmits": end["sum_sent"].get("retransmits"),
+        "cpuSender": end.get("cpu_utilization_percent", {}).get("host_total"),
+        "cpuReceiver": end.get("cpu_utilization_percent", {}).get("remote_total"),
+        **({"profile": profile} if profile is not None else {}),
+    }
+
+
+def _profile(bench: Bench, peer: Peer, seconds: float,
+             output: Path | None) -> subprocess.Popen | None:
+    if output is None or not peer.proxy:
+        return None
+    process = bench.peerProcess()
+    assert process is not None
+    return startRecording(process.pid, seconds, output)
+
+
+# -- 2. simultaneous connection attempts (the paper's Table 1) -------------
+
+
+def parseBurst(output: str) -> list[dict[str, Any]]:
+    """
+    Parse C{mpbench burst} output into one dictionary per connection:
+    C{connectUs}, C{firstByteUs} (L{None} when it never happened) and
+    C{status}.
+    """
+    connections = []
+    for line in output.splitlines():
+        fields = line.split()
+        if fields and fields[0] == "conn":
+            connect, first = int(fields[2]), int(fields[3])
+            connections.append(
+                {
+                    "connectUs": connect if connect >= 0 else None,
+                    "firstByteUs": first if first >= 0 else None,
+                    "status": fields[4],
+                }
+            )
+    return connections
+
+
+def summarizeBurst(connections: list[dict[str, Any]]) -> dict[str, Any]:
+    """
+    Average and 99th percentile of the connect times and times to first
+    byte (ms) of the connections that got their byte, and the failures.
+    """
+    ok = [c for c in connections if c["status"] == "ok"]
+    connects = [c["connectUs"] / 1000 for c in ok]
+    firsts = [c["firstByteUs"] / 1000 for c in ok]
+    failures: dict[str, int] = {}
+    for c in connections:
+        if c["status"] != "ok":
+            failures[c["status"]] = failures.get(c["status"], 0) + 1
+    return {
+        "attempts": len(connections),
+        "connectMeanMs": mean(connects),
+        "connectP99Ms": percentile(connects, 99),
+        "firstByteMeanMs": mean(firsts),
+        "firstByteP99Ms": percentile(firsts, 99),
+        "failures": sum(failures.values()),
+        "failureKinds": failures,
+    }
+
+
+def simultaneous(bench: Bench, peer: Peer, sizes: Sequence[int] = (30, 70, 110, 150, 190, 230),
+                 repeats: int = 3, timeout: float = 5.0) -> dict[str, Any]:
+    """
+    For each size N, N connects at once through C{peer} to a backend that
+    sends one byte on accept; C{repeats} bursts per size, pooled.
+
+    @return: Per size (as a string), L{summarizeBurst} of the pooled
+        connections.
+    """
+    backend, backendPort = bench.backend(greet=1)
+    results: dict[str, Any] = {}
+    try:
+        with bench.peer(peer, backendPort) as port:
+            # One small burst first, so that no peer pays its first-use
+            # costs (imports, allocations) inside the measurement.
+            bench.runTool(["burst", "127.0.0.1", str(port), "5", "5000", "1"], 30)
+            for size in sizes:
+                pooled: list[dict[str, Any]] = []
+                for _ in range(repeats):
+                    output = bench.runTool(
+                        ["burst", "127.0.0.1", str(port), str(size),
+                         str(int(timeout * 1000)), "1"],
+                        timeout + 30,
+                    )
+                    pooled.extend(parseBurst(output))
+                results[str(size)] = summarizeBurst(pooled)
+    finally:
+        bench.stop(backend)
+    return results
+
+
+# -- 3. short flows --------------------------------------------------------
+
+
+def shortFlows(bench: Bench, peer: Peer, clients: int = 50, seconds: float = 5.0,
+               request: int = 100, reply: int = 1024, timeout: float = 5.0,
+               env: dict[str, str] | None = None,
+               profileTo: Path | None = None) -> dict[str, Any]:
+    """
+    C{clients} concurrent clients doing connect, C{request} bytes, a
+    C{reply}-byte reply and close through C{peer} for C{seconds}.
+
+    @param profileTo: As for L{throughput}.
+
+    @return: C{flowsPerSecond}, C{flows}, C{errors} (total) and
+        C{errorKinds}, and the flow latency.
+    """
+    backend, backendPort = bench.backend(request=request, reply=reply)
+    try:
+        with bench.peer(peer, backendPort, env) as port:
+            # Warm up (see simultaneous).
+            bench.runTool(["flows", "127.0.0.1", str(port), "5", "200", str(request),
+                           str(reply), "5000"], 30)
+            recorder = _profile(bench, peer, seconds, profileTo)
+            output = bench.runTool(
+                ["flows", "127.0.0.1", str(port), str(clients), str(int(seconds * 1000)),
+                 str(request), str(reply), str(int(timeout * 1000))],
+                seconds + timeout + 30,
+            )
+            profile = finish(recorder, profileTo) if recorder is not None else None
+    finally:
+        bench.stop(backend)
+    result = json.loads(output)
+    if profile is not None:
+        result["profile"] = profile
+    kinds = result.pop("errors")
+    return {
+        "flowsPerSecond": result["flows"] / result["elapsed"],
+        "errors": sum(kinds.values()),
+        "errorKinds": kinds,
+        **result,
+    }
+
+
+# -- 4. memory per idle pair -----------------------------------------------
+
+
+def idleMemory(bench: Bench, peer: Peer, pairs: int = 1000,
+               timeout: float = 30.0) -> dict[str, Any] | None:
+    """
+    The proxy's userspace memory with C{pairs} idle proxied connection
+    pairs, less its memory with none, per pair.
+
+    @return: C{rssPerPair} and C{pssPerPair} (bytes), the raw figures, and
+        how many pairs were held; L{None} for C{direct}.
+    """
+    if not peer.proxy:
+        return None
+    backend, backendPort = bench.backend(greet=1)
+    try:
+        with bench.peer(peer, backendPort) as port:
+            process = bench.peerProcess()
+            assert process is not None
+            # Warm up with a few pairs, so that one-time allocations are
+            # in the baseline.
+            _hold(bench, port, min(20, pairs), timeout, lambda: None)
+            time.sleep(0.2)  # let a forking server reap its children
+            before = memoryOf(process.pid)
+            during: dict[str, int] = {}
+            held = _hold(bench, port, pairs, timeout,
+                         lambda: during.update(memoryOf(process.pid)))
+    finally:
+        bench.stop(backend)
+    count = held["ok"] or 1
+    return {
+        "pairs": pairs,
+        "held": held["ok"],
+        "failed": held["failed"],
+        "before": before,
+        "during": during,
+        "rssPerPair": (during["rss"] - before["rss"]) / count,
+        "pssPerPair": (during["pss"] - before["pss"]) / count,
+    }
+
+
+def _hold(bench: Bench, port: int, pairs: int, timeout: float,
+          whileHeld: Any) -> dict[str, int]:
+    process = subprocess.Popen(
+        pinned([str(bench.binary), "hold", "127.0.0.1", str(port), str(pairs),
+                str(int(timeout * 1000))], LOAD_CPU),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert process.stdout is not None and process.stdin is not None
+        line = process.stdout.readline().split()
+        if not line or line[0] != "held":
+            raise RuntimeError(f"mpbench hold: {line!r}")
+        ok, failed = int(line[1]), int(line[2])
+        # Let the proxy finish what the last pairs started.
+        time.sleep(0.2)
+        whileHeld()
+        process.stdin.close()
+        process.stdout.readline()
+        process.wait(timeout)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        for stream in (process.stdin, process.stdout):
+            if stream is not None and not stream.closed:
+                stream.close()
+    return {"ok": ok, "failed": failed}
+
+
+# -- 5. cold start ---------------------------------------------------------
+
+
+def coldStart(bench: Bench, peer: Peer, runs: int = 5, timeout: float = 20.0) -> dict[str, Any] | None:
+    """
+    From the exec of C{peer} to the first byte relayed from a backend that
+    sends one on accept (connect, retried while refused, then read), in
+    ms; C{runs} runs.
+
+    @return: C{medianMs}, C{minMs}, C{maxMs} and every run; L{None} for
+        C{direct}.
+    """
+    if not peer.proxy:
+        return None
+    backend, backendPort = bench.backend(greet=1)
+    times = []
+    try:
+        for _ in range(runs):
+            port = freePort()
+            command = peer.command(port, backendPort, bench.workdir)
+            environment = peer.environment()
+            log = bench.workdir / f"{peer.name}.coldstart.log"
+            started = time.perf_counter()
+            process = bench.start(peer.name, command, log=log, env=environment)
+            try:
+                times.append((_firstByte(port, started + timeout, process) - started) * 1000)
+            finally:
+                bench.stop(process)
+    finally:
+        bench.stop(backend)
+    return {
+        "medianMs": statistics.median(times),
+        "minMs": min(times),
+        "maxMs": max(times),
+        "runsMs": times,
+    }
+
+
+def _firstByte(port: int, deadline: float, process: Process) -> float:
+    while True:
+        if time.perf_counter() > deadline:
+            raise RuntimeError(f"{process.name}: no byte before the deadline\n{process.tail()}")
+        if process.popen.poll() is not None:
+            raise RuntimeError(f"{process.name} exited: {process.tail()}")
+        with socket.socket() as s:
+            s.settimeout(max(0.1, deadline - time.perf_counter()))
+            try:
+                s.connect(("127.0.0.1", port))
+            except ConnectionRefusedError:
+                time.sleep(0.0005)
+                continue
+            try:
+                data = s.recv(1)
+            except (ConnectionResetError, socket.timeout):
+                data = b""
+            if data:
+                return time.perf_counter()
+            time.sleep(0.0005)
+
+
+# -- 6 and 7. in-process measurements of miniproxy -------------------------
+
+
+def inProcess(bench: Bench, what: str, *args: str, timeout: float = 300) -> dict[str, Any]:
+    """
+    Run C{python -m benchmarks.inproc WHAT ARGS} on the proxy core and
+    return its JSON result.
+    """
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(REPO)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
+    )
+    result = subprocess.run(
+        pinned([sys.executable, "-m", "benchmarks.inproc", what, *args], PROXY_CPU),
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=str(REPO),
+        timeout=timeout,
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"benchmarks.inproc {what} failed:\n{result.stderr[-2000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def newListener(bench: Bench, runs: int = 20) -> dict[str, Any]:
+    """
+    The time to add a listener to a running miniproxy service until it
+    relays its first byte (see L{benchmarks.inproc.listenerTimes}).
+    """
+    backend, backendPort = bench.backend(greet=1)
+    try:
+        return inProcess(bench, "listener", str(backendPort), str(runs))
+    finally:
+        bench.stop(backend)
+
+
+def hookMicro(bench: Bench, flows: int = 2000, chunks: int = 20000) -> dict[str, Any]:
+    """
+    The no-op function's cost per flow and per chunk on the in-memory
+    relay (see L{benchmarks.inproc.hookCosts}).
+    """
+    return inProcess(bench, "hooks", str(flows), str(chunks))

@@ -1,0 +1,409 @@
+# -*- test-case-name: tests.test_benchmarks -*-
+"""
+Writing a run's results: C{results.json} (everything), C{results.csv} (one
+row per peer and figure, with its ratio to HAProxy), C{results.md} (the
+tables) and the plots.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any, Iterable
+
+from benchmarks.peers import REFERENCE
+
+#: The markers of the results section of a markdown document.
+BEGIN = "<!-- results:begin -->"
+END = "<!-- results:end -->"
+
+#: miniproxy's targets, as (key, description, comparison, bound); the bound
+#: is absolute, or a ratio to a peer when the key ends with "Ratio".
+TARGETS = (
+    ("throughputVsSplice", "throughput ≥ 1.0× HAProxy forced splice", ">=", 1.0),
+    ("firstByteVsHAProxy", "first byte (mean, each of 30–230 connects) ≤ 1.0× HAProxy", "<=", 1.0),
+    ("burstFailures", "no failures at 30–230 simultaneous connects", "<=", 0),
+    ("shortFlowsVsHAProxy", "short-flow rate ≥ 0.6× HAProxy", ">=", 0.6),
+    ("memoryKiB", "memory ≤ 3.3 KB per idle pair", "<=", 3.3),
+    ("coldStartMs", "cold start ≤ 100 ms", "<=", 100.0),
+    ("newListenerMs", "new listener ≤ 2 ms (to first byte)", "<=", 2.0),
+)
+
+
+def _get(result: Any, *keys: Any) -> Any:
+    for key in keys:
+        if not isinstance(result, dict) or key not in result:
+            return None
+        result = result[key]
+    return result
+
+
+def figures(peer: dict[str, Any], largest: str | None) -> dict[str, float | None]:
+    """
+    The headline figures of one peer.
+
+    @param largest: The largest burst size (as a string).
+    """
+    memory = _get(peer, "idleMemory", "rssPerPair")
+    return {
+        "throughputGbps": _get(peer, "throughput", "gbps"),
+        "firstByteMeanMs": _get(peer, "simultaneous", largest, "firstByteMeanMs"),
+        "firstByteP99Ms": _get(peer, "simultaneous", largest, "firstByteP99Ms"),
+        "burstFailures": _get(peer, "simultaneous", largest, "failures"),
+        "shortFlowsPerSecond": _get(peer, "shortFlows", "flowsPerSecond"),
+        "shortFlowErrors": _get(peer, "shortFlows", "errors"),
+        "memoryKiBPerPair": memory / 1024 if memory is not None else None,
+        "memoryPssKiBPerPair": (_get(peer, "idleMemory", "pssPerPair") or 0) / 1024
+        if _get(peer, "idleMemory", "pssPerPair") is not None else None,
+        "coldStartMs": _get(peer, "coldStart", "medianMs"),
+    }
+
+
+def ratio(value: float | None, reference: float | None) -> float | None:
+    """
+    C{value / reference}, or L{None} when either is missing or the
+    reference is zero.
+    """
+    if value is None or reference is None or reference == 0:
+        return None
+    return value / reference
+
+
+def burstSizes(results: dict[str, Any]) -> list[str]:
+    """
+    The burst sizes measured, smallest first, as strings.
+    """
+    sizes = set()
+    for peer in results["peers"].values():
+        sizes.update((_get(peer, "simultaneous") or {}).keys())
+    return sorted((s for s in sizes if s.isdigit()), key=int)
+
+
+def targets(results: dict[str, Any], name: str = "miniproxy-accept") -> list[dict[str, Any]]:
+    """
+    Whether miniproxy (the peer C{name}) meets each target.
+    """
+    peers = results["peers"]
+    mine = peers.get(name, {})
+    haproxy = peers.get(REFERENCE, {})
+    splice = peers.get("haproxy-splice", {})
+    sizes = burstSizes(results)
+    values: dict[str, float | None] = {}
+    values["throughputVsSplice"] = ratio(_get(mine, "throughput", "gbps"),
+                                         _get(splice, "throughput", "gbps"))
+    worst = None
+    failures = None
+    for size in sizes:
+        r = ratio(_get(mine, "simultaneous", size, "firstByteMeanMs"),
+                  _get(haproxy, "simultaneous", size, "firstByteMeanMs"))
+        if r is not None:
+            worst = r if worst is None else max(worst, r)
+        f = _get(mine, "simultaneous", size, "failures")
+        if f is not None:
+            failures = f if failures is None else failures + f
+    values["firstByteVsHAProxy"] = worst
+    values["burstFailures"] = failures
+    values["shortFlowsVsHAProxy"] = ratio(_get(mine, "shortFlows", "flowsPerSecond"),
+                                          _get(haproxy, "shortFlows", "flowsPerSecond"))
+    memory = _get(mine, "idleMemory", "rssPerPair")
+    values["memoryKiB"] = memory / 1024 if memory is not None else None
+    values["coldStartMs"] = _get(mine, "coldStart", "medianMs")
+    values["newListenerMs"] = _get(mine, "newListener", "accept", "firstByteMedianMs")
+    rows = []
+    for key, description, comparison, bound in TARGETS:
+        value = values.get(key)
+        met = None
+        if value is not None:
+            met = value >= bound if comparison == ">=" else value <= bound
+        rows.append({"key": key, "target": description, "value": value, "met": met})
+    return rows
+
+
+def _fmt(value: Any, digits: int = 1) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        if abs(value) >= 1000:
+            return f"{value:,.0f}"
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def _withRatio(value: Any, reference: Any, digits: int = 1) -> str:
+    r = ratio(value, reference)
+    text = _fmt(value, digits)
+    return f"{text} ({r:.2f}×)" if r is not None else text
+
+
+def markdown(results: dict[str, Any], heading: str = "##") -> str:
+    """
+    The results as markdown: the machine, the summary with ratios to
+    HAProxy, Table 1, miniproxy's own figures, and its targets.
+    """
+    peers = results["peers"]
+    sizes = burstSizes(results)
+    largest = sizes[-1] if sizes else None
+    reference = figures(peers.get(REFERENCE, {}), largest)
+    m = results["machine"]
+    lines = [
+        f"{heading} Run of {results['date']}",
+        "",
+        f"- Command: `{results['command'] or 'benchmarks.run.runAll(...)'}`",
+        f"- Machine: {m['nproc']} CPUs ({m['cpu']}), kernel {m['kernel']}, Python "
+        f"{m['python']}, Twisted {m['twisted']}, {m['haproxy']}, {m['iperf3']}, "
+        f"{m['socat']}",
+        f"- Placement: proxy on CPU {results['placement']['proxyCpu']}, load generators "
+        f"and backends on CPU {results['placement']['loadCpu']}",
+        f"- Load average (1, 5, 15 min) before: {results['loadBefore']}, after: "
+        f"{results['loadAfter']}; run took {results['elapsedSeconds']:.0f} s",
+        "",
+        f"{heading}# Summary (ratio to HAProxy, 1 thread)",
+        "",
+        f"| peer | throughput Gbit/s | TTFB at {largest} connects, mean ms | p99 ms | "
+        "short flows/s | errors | memory per idle pair, KiB (RSS) | PSS | cold start ms |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, peer in peers.items():
+        if "error" in peer and len(peer) <= 2:
+            lines.append(f"| {peer.get('label', name)} | {peer['error']} |||||||")
+            continue
+        f = figures(peer, largest)
+        lines.append(
+            "| " + " | ".join([
+                peer.get("label", name),
+                _withRatio(f["throughputGbps"], reference["throughputGbps"]),
+                _withRatio(f["firstByteMeanMs"], reference["firstByteMeanMs"], 2),
+                _withRatio(f["firstByteP99Ms"], reference["firstByteP99Ms"], 2),
+                _withRatio(f["shortFlowsPerSecond"], reference["shortFlowsPerSecond"]),
+                _fmt(f["shortFlowErrors"]),
+                _withRatio(f["memoryKiBPerPair"], reference["memoryKiBPerPair"], 2),
+                _fmt(f["memoryPssKiBPerPair"], 2),
+                _withRatio(f["coldStartMs"], reference["coldStartMs"]),
+            ]) + " |"
+        )
+    errors = [(name, key, value["error"]) for name, peer in peers.items()
+              for key, value in peer.items() if isinstance(value, dict) and "error" in value]
+    if errors:
+        lines += ["", "Failed measurements:", ""]
+        lines += [f"- {name} {key}: {error.splitlines()[0]}" for name, key, error in errors]
+    if sizes:
+        lines += [
+            "",
+            f"{heading}# Table 1: simultaneous connection attempts",
+            "",
+            "Per connection, from its `connect()`: connected, and first byte from the "
+            "backend through the proxy; mean / p99 in ms; failures (TTFB ratio to HAProxy).",
+            "",
+            "| peer | " + " | ".join(f"{s} connects" for s in sizes) + " |",
+            "|---|" + "---|" * len(sizes),
+        ]
+        for name, peer in peers.items():
+            cells = []
+            for size in sizes:
+                s = _get(peer, "simultaneous", size)
+                if not isinstance(s, dict) or "firstByteMeanMs" not in s:
+                    cells.append("–")
+                    continue
+                r = ratio(s["firstByteMeanMs"], _get(peers.get(REFERENCE, {}), "simultaneous",
+                                                     size, "firstByteMeanMs"))
+                cells.append(
+                    f"conn {_fmt(s['connectMeanMs'], 2)}/{_fmt(s['connectP99Ms'], 2)}, "
+                    f"TTFB {_fmt(s['firstByteMeanMs'], 2)}/{_fmt(s['firstByteP99Ms'], 2)}"
+                    + (f" ({r:.2f}×)" if r is not None else "")
+                    + f", fail {s['failures']}"
+                )
+            lines.append(f"| {peer.get('label', name)} | " + " | ".join(cells) + " |")
+    mine = peers.get("miniproxy-accept", {})
+    listener = _get(mine, "newListener")
+    hooks = results.get("hookOverhead")
+    if listener or hooks:
+        lines += ["", f"{heading}# miniproxy only", ""]
+    if isinstance(listener, dict) and "accept" in listener:
+        for mode in ("accept", "early"):
+            x = listener.get(mode, {})
+            lines.append(
+                f"- New listener (`addListener`, {mode} mode): listening after "
+                f"{_fmt(x.get('listeningMedianMs'), 2)} ms, first byte relayed after "
+                f"{_fmt(x.get('firstByteMedianMs'), 2)} ms (median; min "
+                f"{_fmt(x.get('firstByteMinMs'), 2)}, max {_fmt(x.get('firstByteMaxMs'), 2)})"
+            )
+    elif isinstance(listener, dict):
+        lines.append(f"- New listener: {listener.get('error')}")
+    if hooks:
+        lines.append(
+            f"- No-op function (`wantsData`, every hook continues): "
+            f"{_fmt(hooks.get('perFlowUs'), 1)} µs per flow (short flows, "
+            f"{_fmt(hooks.get('shortFlowRatio'), 2)}× the rate without it); "
+            f"{_fmt(hooks.get('perChunkNs'), 0)} ns per chunk of "
+            f"{_fmt(hooks.get('chunkBytes'), 0)} B on average (throughput, "
+            f"{_fmt(hooks.get('throughputRatio'), 2)}× without it); in memory "
+            f"(`FlowHarness`): {_fmt(hooks.get('inMemoryPerFlowUs'), 1)} µs per flow, "
+            f"{_fmt(hooks.get('inMemoryPerChunkNs'), 0)} ns per 1 KiB chunk"
+        )
+    rows = targets(results)
+    if any(r["value"] is not None for r in rows):
+        lines += [
+            "",
+            f"{heading}# Targets (miniproxy --mode accept)",
+            "",
+            "| target | measured | met |",
+            "|---|---|---|",
+        ]
+        for r in rows:
+            met = {True: "yes", False: "**no**", None: "–"}[r["met"]]
+            lines.append(f"| {r['target']} | {_fmt(r['value'], 2)} | {met} |")
+    for kind in ("shortFlows", "throughput"):
+        profile = _get(mine, kind, "profile")
+        if isinstance(profile, dict) and profile.get("samples"):
+            lines += [
+                "",
+                f"{heading}# Where miniproxy's time goes ({kind}, py-spy, "
+                f"{profile['samples']} samples, `{profile['file']}`)",
+                "",
+                "| function | self | | function | inclusive |",
+                "|---|---|---|---|---|",
+            ]
+            for own, incl in zip(profile["self"][:12], profile["inclusive"][:12]):
+                lines.append(
+                    f"| `{own['function']}` | {own['share']:.0%} | | "
+                    f"`{incl['function']}` | {incl['share']:.0%} |"
+                )
+    return "\n".join(lines) + "\n"
+
+
+def csvRows(results: dict[str, Any]) -> Iterable[list[Any]]:
+    """
+    One row per peer and figure: peer, measurement, figure, value, and its
+    ratio to HAProxy's.
+    """
+    peers = results["peers"]
+    reference = peers.get(REFERENCE, {})
+    yield ["peer", "measurement", "figure", "value", "ratio_to_haproxy"]
+    for name, peer in peers.items():
+        for measurement, value in peer.items():
+            if not isinstance(value, dict):
+                continue
+            for key, x, ref in _flatten(value, _get(reference, measurement)):
+                if isinstance(x, (int, float)) and not isinstance(x, bool):
+                    r = ratio(x, ref if isinstance(ref, (int, float)) else None)
+                    yield [name, measurement, key, x, "" if r is None else f"{r:.4f}"]
+
+
+def _flatten(value: Any, reference: Any, prefix: str = "") -> Iterable[tuple[str, Any, Any]]:
+    if isinstance(value, dict):
+        for key, x in value.items():
+            if key in ("profile", "firstByteRunsMs", "runsMs"):
+                continue
+            yield from _flatten(x, _get(reference, key), f"{prefix}{key}.")
+    else:
+        yield prefix.rstrip("."), value, reference
+
+
+def plot(results: dict[str, Any], out: Path) -> list[str]:
+    """
+    Draw C{table1.png} (connect time and time to first byte against the
+    number of simultaneous attempts) and C{summary.png} (the headline
+    figures per peer).
+
+    @return: The names of the files drawn.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    peers = results["peers"]
+    sizes = burstSizes(results)
+    drawn = []
+    if sizes:
+        fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+        for name, peer in peers.items():
+            xs, means, p99s, connects = [], [], [], []
+            for size in sizes:
+                s = _get(peer, "simultaneous", size)
+                if isinstance(s, dict) and s.get("firstByteMeanMs") is not None:
+                    xs.append(int(size))
+                    means.append(s["firstByteMeanMs"])
+                    p99s.append(s["firstByteP99Ms"])
+                    connects.append(s["connectMeanMs"])
+            if xs:
+                label = peer.get("label", name)
+                axes[0].plot(xs, connects, marker="o", label=label)
+                axes[1].plot(xs, means, marker="o", label=label)
+                axes[2].plot(xs, p99s, marker="o", label=label)
+        for ax, title in zip(axes, ("connect, mean", "first byte, mean", "first byte, p99")):
+            ax.set_title(title)
+            ax.set_xlabel("simultaneous connection attempts")
+            ax.set_ylabel("ms")
+            ax.set_yscale("log")
+            ax.grid(True, which="both", alpha=0.3)
+        axes[2].legend(fontsize=8)
+        fig.suptitle("Table 1 on loopback: time per connection through each peer")
+        fig.tight_layout()
+        fig.savefig(out / "table1.png", dpi=110)
+        plt.close(fig)
+        drawn.append("table1.png")
+    largest = sizes[-1] if sizes else None
+    names = [n for n in peers if "label" in peers[n]]
+    figs = {n: figures(peers[n], largest) for n in names}
+    panels = [
+        ("throughputGbps", "single-flow throughput, Gbit/s"),
+        ("shortFlowsPerSecond", "short flows per second"),
+        ("memoryKiBPerPair", "memory per idle pair, KiB"),
+        ("coldStartMs", "cold start, ms"),
+    ]
+    fig, axes = plt.subplots(1, len(panels), figsize=(18, 4.5))
+    for ax, (key, title) in zip(axes, panels):
+        shown = [(peers[n]["label"], figs[n][key]) for n in names if figs[n][key] is not None]
+        ax.barh([s[0] for s in shown], [s[1] for s in shown],
+                color=["tab:red" if "miniproxy" in s[0] else "tab:blue" for s in shown])
+        ax.set_title(title)
+        ax.invert_yaxis()
+        ax.tick_params(axis="y", labelsize=8)
+        ax.grid(True, axis="x", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "summary.png", dpi=110)
+    plt.close(fig)
+    drawn.append("summary.png")
+    return drawn
+
+
+def updateDocument(doc: Path, section: str) -> bool:
+    """
+    Replace the text between the L{BEGIN} and L{END} lines of C{doc}.
+
+    @return: Whether the markers were there.
+    """
+    if not doc.exists():
+        return False
+    text = doc.read_text()
+    if BEGIN not in text or END not in text:
+        return False
+    before, rest = text.split(BEGIN, 1)
+    _, after = rest.split(END, 1)
+    doc.write_text(f"{before}{BEGIN}\n{section}{END}{after}")
+    return True
+
+
+def write(results: dict[str, Any], out: Path, plots: bool = True,
+          doc: Path | None = None) -> None:
+    """
+    Write C{results.json}, C{results.csv}, C{results.md} and, with
+    C{plots}, the plots to C{out}; update C{doc}'s results section.
+    """
+    if plots:
+        try:
+            results["plots"] = plot(results, out)
+        except ImportError as e:
+            results["plots"] = {"error": str(e)}
+    (out / "results.json").write_text(json.dumps(results, indent=2, sort_keys=False) + "\n")
+    with open(out / "results.csv", "w", newline="") as f:
+        csv.writer(f).writerows(csvRows(results))
+    table = markdown(results)
+    if isinstance(results.get("plots"), list):
+        table += "\n" + "\n".join(
+            f"![{name}](performance/{name})" for name in results["plots"]) + "\n"
+    (out / "results.md").write_text("# miniproxy benchmark results\n\n" + markdown(results))
+    if doc is not None:
+        updateDocument(doc, table)

@@ -1,0 +1,384 @@
+# -*- test-case-name: tests.test_benchmarks -*-
+"""
+The one command: C{python -m benchmarks.run [--quick] [--out DIR]}.
+
+It installs what it lacks (HAProxy, socat, iperf3, a C compiler from apt;
+matplotlib and, with C{--profile}, py-spy from pip), then measures every
+peer of L{benchmarks.peers.PEERS} on loopback, with the proxy on core 0
+and the load generators and backends on core 1, and writes the raw
+results (JSON, CSV), a markdown table and plots to C{DIR}
+(C{docs/performance} by default).  See C{docs/performance.md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.util
+import json
+import os
+import platform
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from attrs import asdict, frozen
+
+from benchmarks import measure, native
+from benchmarks.peers import (
+    MINIPROXY_ACCEPT,
+    MINIPROXY_NOOP,
+    PEERS,
+    REPO,
+    Peer,
+    cpuCount,
+    pinSelf,
+)
+
+#: The apt packages the peers and tools come from, by executable.
+APT_PACKAGES = {
+    "haproxy": "haproxy",
+    "socat": "socat",
+    "iperf3": "iperf3",
+    "taskset": "util-linux",
+    "gcc": "gcc",
+}
+
+
+@frozen
+class Sizes:
+    """
+    How big each measurement is.
+
+    @ivar throughputSeconds: iperf3's C{-t}.
+    @ivar burstSizes: The numbers of simultaneous connection attempts.
+    @ivar burstRepeats: Bursts per size, pooled.
+    @ivar shortClients: Concurrent short-flow clients.
+    @ivar shortSeconds: How long the short flows run.
+    @ivar idlePairs: Idle pairs held for the memory measurement.
+    @ivar coldRuns: Cold starts per peer.
+    @ivar listenerRuns: Listeners added per connect mode.
+    @ivar hookFlows: Flows per run of the in-memory hook benchmark.
+    @ivar hookChunks: Chunks per run of the in-memory hook benchmark.
+    """
+
+    throughputSeconds: float = 5.0
+    burstSizes: tuple[int, ...] = (30, 70, 110, 150, 190, 230)
+    burstRepeats: int = 3
+    shortClients: int = 50
+    shortSeconds: float = 5.0
+    idlePairs: int = 1000
+    coldRuns: int = 7
+    listenerRuns: int = 20
+    hookFlows: int = 3000
+    hookChunks: int = 30000
+
+
+FULL = Sizes()
+QUICK = Sizes(
+    throughputSeconds=2.0,
+    burstSizes=(30, 110, 230),
+    burstRepeats=1,
+    shortSeconds=2.0,
+    idlePairs=1000,
+    coldRuns=3,
+    listenerRuns=5,
+    hookFlows=500,
+    hookChunks=5000,
+)
+
+#: Every measurement, in order.
+MEASUREMENTS = (
+    "throughput",
+    "simultaneous",
+    "shortFlows",
+    "idleMemory",
+    "coldStart",
+    "newListener",
+    "hookMicro",
+)
+
+
+def ensureTools(peers: Sequence[Peer], profile: bool, log: Callable[[str], None]) -> None:
+    """
+    Install, with apt and pip, what the run needs and lacks.
+    """
+    wanted = {"iperf3", "taskset"} | {n for p in peers for n in p.needs}
+    if native.compiler() is None:
+        wanted.add("gcc")
+    missing = sorted(APT_PACKAGES[n] for n in wanted if shutil.which(n) is None)
+    if missing:
+        log(f"installing from apt: {' '.join(missing)}")
+        env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+        subprocess.run(["apt-get", "update", "-qq"], env=env, check=False)
+        subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", *missing],
+                       env=env, check=True)
+    pip = []
+    if importlib.util.find_spec("matplotlib") is None:
+        pip.append("matplotlib")
+    if profile and shutil.which("py-spy") is None:
+        pip.append("py-spy")
+    if pip:
+        log(f"installing from pip: {' '.join(pip)}")
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", *pip], check=True)
+
+
+def _version(command: Sequence[str]) -> str | None:
+    try:
+        result = subprocess.run(list(command), capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    text = (result.stdout or result.stderr).strip()
+    return text.splitlines()[0] if text else None
+
+
+def _socatVersion() -> str | None:
+    try:
+        result = subprocess.run(["socat", "-V"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    for line in result.stdout.splitlines():
+        if line.startswith("socat version"):
+            return " ".join(line.split()[:3])
+    return None
+
+
+def machine() -> dict[str, Any]:
+    """
+    What the run ran on.
+    """
+    model = None
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    import twisted
+
+    return {
+        "nproc": os.cpu_count(),
+        "usableCpus": cpuCount(),
+        "cpu": model,
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "twisted": twisted.__version__,
+        "haproxy": _version(["haproxy", "-v"]),
+        "socat": _socatVersion(),
+        "iperf3": _version(["iperf3", "--version"]),
+    }
+
+
+def loadAverage() -> list[float]:
+    """
+    The 1, 5 and 15 minute load averages.
+    """
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def runPeer(bench: measure.Bench, peer: Peer, sizes: Sizes, measurements: Sequence[str],
+            out: Path, profile: bool, log: Callable[[str], None]) -> dict[str, Any]:
+    """
+    Every measurement of C{measurements} that applies to C{peer}.
+    """
+    results: dict[str, Any] = {"label": peer.label}
+
+    def attempt(name: str, f: Callable[[], Any]) -> None:
+        if name not in measurements:
+            return
+        started = time.monotonic()
+        try:
+            results[name] = f()
+        except Exception as e:  # a peer's failure is a result, not the end of the run
+            results[name] = {"error": f"{type(e).__name__}: {e}"}
+        log(f"  {peer.name}: {name} ({time.monotonic() - started:.1f} s)")
+
+    profileHere = profile and peer.name == MINIPROXY_ACCEPT.name
+    noopEnv = None
+    if peer.name == MINIPROXY_NOOP.name:
+        noopEnv = {"BENCH_NOOP_STATS": str(bench.workdir / "noop-counts.json")}
+
+    def runThroughput() -> Any:
+        result = measure.throughput(
+            bench, peer, sizes.throughputSeconds, env=noopEnv,
+            profileTo=out / "profile-throughput.txt" if profileHere else None,
+        )
+        if noopEnv is not None:
+            counts = Path(noopEnv["BENCH_NOOP_STATS"])
+            if counts.exists():
+                result["noopCounts"] = json.loads(counts.read_text())
+        return result
+
+    attempt("throughput", runThroughput)
+    attempt("simultaneous", lambda: measure.simultaneous(
+        bench, peer, sizes.burstSizes, sizes.burstRepeats))
+    attempt("shortFlows", lambda: measure.shortFlows(
+        bench, peer, sizes.shortClients, sizes.shortSeconds,
+        profileTo=out / "profile-shortflows.txt" if profileHere else None))
+    if peer.name != MINIPROXY_NOOP.name:
+        attempt("idleMemory", lambda: measure.idleMemory(bench, peer, sizes.idlePairs))
+        attempt("coldStart", lambda: measure.coldStart(bench, peer, sizes.coldRuns))
+    if peer.name == MINIPROXY_ACCEPT.name:
+        attempt("newListener", lambda: measure.newListener(bench, sizes.listenerRuns))
+        attempt("hookMicro", lambda: measure.hookMicro(bench, sizes.hookFlows,
+                                                       sizes.hookChunks))
+    return results
+
+
+def hookOverhead(peers: dict[str, Any]) -> dict[str, Any] | None:
+    """
+    What the no-op function costs, from the miniproxy runs with and
+    without it (the proxy core is busy throughout, so a rate's inverse is
+    its time per flow or per byte).
+
+    @return: C{perFlowUs} from the short-flow rates, C{perChunkNs} from
+        the throughputs and the chunks the function counted, and the
+        in-memory figures; L{None} if a run is missing.
+    """
+    plain = peers.get(MINIPROXY_ACCEPT.name, {})
+    noop = peers.get(MINIPROXY_NOOP.name, {})
+    result: dict[str, Any] = {}
+    try:
+        rPlain = plain["shortFlows"]["flowsPerSecond"]
+        rNoop = noop["shortFlows"]["flowsPerSecond"]
+        result["perFlowUs"] = (1 / rNoop - 1 / rPlain) * 1e6
+        result["shortFlowRatio"] = rNoop / rPlain
+    except (KeyError, TypeError, ZeroDivisionError):
+        pass
+    try:
+        tPlain = plain["throughput"]
+        tNoop = noop["throughput"]
+        counts = tNoop["noopCounts"]
+        chunkBytes = counts["bytes"] / counts["chunks"]
+        bytesPerSecondPlain = tPlain["gbps"] * 1e9 / 8
+        bytesPerSecondNoop = tNoop["gbps"] * 1e9 / 8
+        result["chunkBytes"] = chunkBytes
+        result["perChunkNs"] = (1 / bytesPerSecondNoop - 1 / bytesPerSecondPlain) * chunkBytes * 1e9
+        result["throughputRatio"] = tNoop["gbps"] / tPlain["gbps"]
+    except (KeyError, TypeError, ZeroDivisionError):
+        pass
+    micro = plain.get("hookMicro")
+    if isinstance(micro, dict) and "perFlowUs" in micro:
+        result["inMemoryPerFlowUs"] = micro["perFlowUs"]
+        result["inMemoryPerChunkNs"] = micro["perChunkNs"]
+    return result or None
+
+
+def runAll(out: Path, sizes: Sizes = FULL, peers: Sequence[Peer] = PEERS,
+           measurements: Sequence[str] = MEASUREMENTS, profile: bool = False,
+           command: str = "", doc: Path | None = None, plots: bool = True,
+           log: Callable[[str], None] = print) -> dict[str, Any]:
+    """
+    Run the benchmarks and write the results to C{out}.
+
+    @param out: The output directory.
+    @param sizes: How big each measurement is.
+    @param peers: The peers to measure (ratios need HAProxy among them).
+    @param measurements: Which of L{MEASUREMENTS} to run.
+    @param profile: Sample miniproxy with py-spy during its short-flow and
+        throughput runs.
+    @param command: The command line to record.
+    @param doc: A markdown file whose results section (between the
+        C{<!-- results:begin -->} and C{<!-- results:end -->} lines) is
+        replaced with the new table.
+    @param plots: Whether to draw the plots.
+    @param log: Where progress lines go.  Set C{BENCH_WORKDIR} to keep the
+        peers' configs and logs in that directory.
+    @return: Everything measured, as written to C{results.json}.
+    """
+    from benchmarks import report
+
+    out.mkdir(parents=True, exist_ok=True)
+    pinSelf()
+    binary = native.build()
+    started = datetime.datetime.now(datetime.timezone.utc)
+    results: dict[str, Any] = {
+        "date": started.isoformat(timespec="seconds"),
+        "command": command,
+        "machine": machine(),
+        "loadBefore": loadAverage(),
+        "sizes": asdict(sizes),
+        "placement": {
+            "proxyCpu": 0 if cpuCount() >= 2 else None,
+            "loadCpu": 1 if cpuCount() >= 2 else None,
+        },
+        "peers": {},
+    }
+    with tempfile.TemporaryDirectory(prefix="miniproxy-bench-") as tmp:
+        workdir = Path(os.environ.get("BENCH_WORKDIR") or tmp)
+        workdir.mkdir(parents=True, exist_ok=True)
+        bench = measure.Bench(workdir, binary)
+        try:
+            for peer in peers:
+                missing = peer.missing()
+                if missing:
+                    results["peers"][peer.name] = {
+                        "label": peer.label, "error": f"not installed: {', '.join(missing)}"}
+                    continue
+                log(f"{peer.name}:")
+                results["peers"][peer.name] = runPeer(
+                    bench, peer, sizes, measurements, out, profile, log)
+        finally:
+            bench.close()
+    results["loadAfter"] = loadAverage()
+    results["elapsedSeconds"] = (
+        datetime.datetime.now(datetime.timezone.utc) - started).total_seconds()
+    results["hookOverhead"] = hookOverhead(results["peers"])
+    report.write(results, out, plots=plots, doc=doc)
+    return results
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """
+    Parse the command line, install what is missing, and run.
+    """
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.run",
+        description="Benchmark miniproxy beside HAProxy, socat and Twisted's portforward.",
+    )
+    parser.add_argument("--quick", action="store_true",
+                        help="small sizes: the whole run in about two minutes")
+    parser.add_argument("--out", type=Path, default=REPO / "docs" / "performance",
+                        help="where results go (default: docs/performance)")
+    parser.add_argument("--peers", default=",".join(p.name for p in PEERS),
+                        help="comma-separated peers (default: all)")
+    parser.add_argument("--only", default=",".join(MEASUREMENTS),
+                        help="comma-separated measurements (default: all)")
+    parser.add_argument("--profile", action="store_true",
+                        help="sample miniproxy with py-spy (short flows, throughput)")
+    parser.add_argument("--no-install", action="store_true",
+                        help="do not install missing tools with apt or pip")
+    parser.add_argument("--no-doc", action="store_true",
+                        help="do not update the results section of docs/performance.md")
+    args = parser.parse_args(argv)
+    byName = {p.name: p for p in PEERS}
+    try:
+        peers = [byName[n] for n in args.peers.split(",") if n]
+    except KeyError as e:
+        parser.error(f"unknown peer {e}; known: {', '.join(byName)}")
+    measurements = [m for m in args.only.split(",") if m]
+    for m in measurements:
+        if m not in MEASUREMENTS:
+            parser.error(f"unknown measurement {m!r}; known: {', '.join(MEASUREMENTS)}")
+    if not args.no_install:
+        ensureTools(peers, args.profile, print)
+    sizes = QUICK if args.quick else FULL
+    command = shlex.join(["python", "-m", "benchmarks.run", *(argv if argv is not None
+                                                              else sys.argv[1:])])
+    doc = None
+    if not args.no_doc and args.out.resolve() == (REPO / "docs" / "performance").resolve():
+        doc = REPO / "docs" / "performance.md"
+    results = runAll(args.out, sizes, peers, measurements, args.profile, command, doc)
+    print(f"done in {results['elapsedSeconds']:.0f} s; results in {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
