@@ -489,6 +489,57 @@ def _firstByte(port: int, deadline: float, process: Process) -> float:
             time.sleep(0.0005)
 
 
+# -- 7. the cost of a no-op function ---------------------------------------
+
+
+def hookComparison(bench: Bench, plain: Peer, noop: Peer, rounds: int = 2,
+                   clients: int = 50, seconds: float = 5.0,
+                   throughputSeconds: float = 5.0) -> dict[str, Any]:
+    """
+    Short flows and throughput through C{plain} and C{noop} (the same
+    proxy with the no-op function), alternating, C{rounds} times each; the
+    best run of each counts.  The proxy's core is busy throughout these
+    runs, so the inverse of a rate is the proxy's time per flow or per
+    byte, and the difference is the function's cost.
+
+    @return: Both sides' best figures, C{perFlowUs}, C{perChunkNs} (from
+        the chunks the function counted during its best throughput run)
+        and the ratios.
+    """
+    counts = bench.workdir / "noop-counts.json"
+    short: dict[str, list[float]] = {"plain": [], "noop": []}
+    speed: dict[str, list[tuple[float, dict[str, int] | None]]] = {"plain": [], "noop": []}
+    for _ in range(rounds):
+        for side, peer in (("plain", plain), ("noop", noop)):
+            short[side].append(shortFlows(bench, peer, clients, seconds)["flowsPerSecond"])
+        for side, peer in (("plain", plain), ("noop", noop)):
+            env = {"BENCH_NOOP_STATS": str(counts)} if side == "noop" else None
+            if counts.exists():
+                counts.unlink()
+            gbps = throughput(bench, peer, throughputSeconds, env=env)["gbps"]
+            seen = json.loads(counts.read_text()) if side == "noop" and counts.exists() else None
+            speed[side].append((gbps, seen))
+    ratePlain, rateNoop = max(short["plain"]), max(short["noop"])
+    gbpsPlain = max(g for g, _ in speed["plain"])
+    gbpsNoop, seen = max(speed["noop"], key=lambda x: x[0])
+    result: dict[str, Any] = {
+        "rounds": rounds,
+        "shortFlowsPlain": short["plain"],
+        "shortFlowsNoop": short["noop"],
+        "throughputPlainGbps": [g for g, _ in speed["plain"]],
+        "throughputNoopGbps": [g for g, _ in speed["noop"]],
+        "perFlowUs": (1 / rateNoop - 1 / ratePlain) * 1e6,
+        "shortFlowRatio": rateNoop / ratePlain,
+        "throughputRatio": gbpsNoop / gbpsPlain,
+    }
+    if seen and seen.get("chunks"):
+        chunkBytes = seen["bytes"] / seen["chunks"]
+        result["noopCounts"] = seen
+        result["chunkBytes"] = chunkBytes
+        result["perChunkNs"] = (8 / (gbpsNoop * 1e9) - 8 / (gbpsPlain * 1e9)) * chunkBytes * 1e9
+    return result
+
+
 # -- 6 and 7. in-process measurements of miniproxy -------------------------
 
 

@@ -422,7 +422,8 @@ MINIPROXY_NOOP = Peer(
     env={"PYTHONPATH": _pythonPath(DROPINS)},
 )
 
-#: Every peer, in the order of the tables.
+#: Every peer, in the order of the tables (the no-op function's run is
+#: part of miniproxy's hook comparison).
 PEERS: tuple[Peer, ...] = (
     DIRECT,
     HAPROXY,
@@ -431,7 +432,6 @@ PEERS: tuple[Peer, ...] = (
     PORTFORWARD,
     MINIPROXY_ACCEPT,
     MINIPROXY_EARLY,
-    MINIPROXY_NOOP,
 )
 
 #: The peer ratios are taken to.

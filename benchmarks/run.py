@@ -65,6 +65,8 @@ class Sizes:
     @ivar listenerRuns: Listeners added per connect mode.
     @ivar hookFlows: Flows per run of the in-memory hook benchmark.
     @ivar hookChunks: Chunks per run of the in-memory hook benchmark.
+    @ivar hookRounds: Alternating runs with and without the no-op
+        function, each.
     """
 
     throughputSeconds: float = 5.0
@@ -77,6 +79,7 @@ class Sizes:
     listenerRuns: int = 20
     hookFlows: int = 3000
     hookChunks: int = 30000
+    hookRounds: int = 2
 
 
 FULL = Sizes()
@@ -90,6 +93,7 @@ QUICK = Sizes(
     listenerRuns=5,
     hookFlows=500,
     hookChunks=5000,
+    hookRounds=1,
 )
 
 #: Every measurement, in order.
@@ -100,6 +104,7 @@ MEASUREMENTS = (
     "idleMemory",
     "coldStart",
     "newListener",
+    "hookComparison",
     "hookMicro",
 )
 
@@ -201,32 +206,21 @@ def runPeer(bench: measure.Bench, peer: Peer, sizes: Sizes, measurements: Sequen
         log(f"  {peer.name}: {name} ({time.monotonic() - started:.1f} s)")
 
     profileHere = profile and peer.name == MINIPROXY_ACCEPT.name
-    noopEnv = None
-    if peer.name == MINIPROXY_NOOP.name:
-        noopEnv = {"BENCH_NOOP_STATS": str(bench.workdir / "noop-counts.json")}
-
-    def runThroughput() -> Any:
-        result = measure.throughput(
-            bench, peer, sizes.throughputSeconds, env=noopEnv,
-            profileTo=out / "profile-throughput.txt" if profileHere else None,
-        )
-        if noopEnv is not None:
-            counts = Path(noopEnv["BENCH_NOOP_STATS"])
-            if counts.exists():
-                result["noopCounts"] = json.loads(counts.read_text())
-        return result
-
-    attempt("throughput", runThroughput)
+    attempt("throughput", lambda: measure.throughput(
+        bench, peer, sizes.throughputSeconds,
+        profileTo=out / "profile-throughput.txt" if profileHere else None))
     attempt("simultaneous", lambda: measure.simultaneous(
         bench, peer, sizes.burstSizes, sizes.burstRepeats))
     attempt("shortFlows", lambda: measure.shortFlows(
         bench, peer, sizes.shortClients, sizes.shortSeconds,
         profileTo=out / "profile-shortflows.txt" if profileHere else None))
-    if peer.name != MINIPROXY_NOOP.name:
-        attempt("idleMemory", lambda: measure.idleMemory(bench, peer, sizes.idlePairs))
-        attempt("coldStart", lambda: measure.coldStart(bench, peer, sizes.coldRuns))
+    attempt("idleMemory", lambda: measure.idleMemory(bench, peer, sizes.idlePairs))
+    attempt("coldStart", lambda: measure.coldStart(bench, peer, sizes.coldRuns))
     if peer.name == MINIPROXY_ACCEPT.name:
         attempt("newListener", lambda: measure.newListener(bench, sizes.listenerRuns))
+        attempt("hookComparison", lambda: measure.hookComparison(
+            bench, MINIPROXY_ACCEPT, MINIPROXY_NOOP, sizes.hookRounds, sizes.shortClients,
+            sizes.shortSeconds, sizes.throughputSeconds))
         attempt("hookMicro", lambda: measure.hookMicro(bench, sizes.hookFlows,
                                                        sizes.hookChunks))
     return results
@@ -234,36 +228,14 @@ def runPeer(bench: measure.Bench, peer: Peer, sizes: Sizes, measurements: Sequen
 
 def hookOverhead(peers: dict[str, Any]) -> dict[str, Any] | None:
     """
-    What the no-op function costs, from the miniproxy runs with and
-    without it (the proxy core is busy throughout, so a rate's inverse is
-    its time per flow or per byte).
-
-    @return: C{perFlowUs} from the short-flow rates, C{perChunkNs} from
-        the throughputs and the chunks the function counted, and the
-        in-memory figures; L{None} if a run is missing.
+    What the no-op function costs: the real-socket comparison and the
+    in-memory figures of the C{miniproxy-accept} peer, together.
     """
     plain = peers.get(MINIPROXY_ACCEPT.name, {})
-    noop = peers.get(MINIPROXY_NOOP.name, {})
     result: dict[str, Any] = {}
-    try:
-        rPlain = plain["shortFlows"]["flowsPerSecond"]
-        rNoop = noop["shortFlows"]["flowsPerSecond"]
-        result["perFlowUs"] = (1 / rNoop - 1 / rPlain) * 1e6
-        result["shortFlowRatio"] = rNoop / rPlain
-    except (KeyError, TypeError, ZeroDivisionError):
-        pass
-    try:
-        tPlain = plain["throughput"]
-        tNoop = noop["throughput"]
-        counts = tNoop["noopCounts"]
-        chunkBytes = counts["bytes"] / counts["chunks"]
-        bytesPerSecondPlain = tPlain["gbps"] * 1e9 / 8
-        bytesPerSecondNoop = tNoop["gbps"] * 1e9 / 8
-        result["chunkBytes"] = chunkBytes
-        result["perChunkNs"] = (1 / bytesPerSecondNoop - 1 / bytesPerSecondPlain) * chunkBytes * 1e9
-        result["throughputRatio"] = tNoop["gbps"] / tPlain["gbps"]
-    except (KeyError, TypeError, ZeroDivisionError):
-        pass
+    comparison = plain.get("hookComparison")
+    if isinstance(comparison, dict) and "perFlowUs" in comparison:
+        result.update(comparison)
     micro = plain.get("hookMicro")
     if isinstance(micro, dict) and "perFlowUs" in micro:
         result["inMemoryPerFlowUs"] = micro["perFlowUs"]
@@ -274,7 +246,7 @@ def hookOverhead(peers: dict[str, Any]) -> dict[str, Any] | None:
 def runAll(out: Path, sizes: Sizes = FULL, peers: Sequence[Peer] = PEERS,
            measurements: Sequence[str] = MEASUREMENTS, profile: bool = False,
            command: str = "", doc: Path | None = None, plots: bool = True,
-           log: Callable[[str], None] = print) -> dict[str, Any]:
+           log: Callable[[str], None] = print, pin: bool = True) -> dict[str, Any]:
     """
     Run the benchmarks and write the results to C{out}.
 
@@ -289,6 +261,8 @@ def runAll(out: Path, sizes: Sizes = FULL, peers: Sequence[Peer] = PEERS,
         C{<!-- results:begin -->} and C{<!-- results:end -->} lines) is
         replaced with the new table.
     @param plots: Whether to draw the plots.
+    @param pin: Whether to move this process to the load generators'
+        core (the peers are pinned to theirs either way).
     @param log: Where progress lines go.  Set C{BENCH_WORKDIR} to keep the
         peers' configs and logs in that directory.
     @return: Everything measured, as written to C{results.json}.
@@ -296,7 +270,8 @@ def runAll(out: Path, sizes: Sizes = FULL, peers: Sequence[Peer] = PEERS,
     from benchmarks import report
 
     out.mkdir(parents=True, exist_ok=True)
-    pinSelf()
+    if pin:
+        pinSelf()
     binary = native.build()
     started = datetime.datetime.now(datetime.timezone.utc)
     results: dict[str, Any] = {
@@ -304,7 +279,7 @@ def runAll(out: Path, sizes: Sizes = FULL, peers: Sequence[Peer] = PEERS,
         "command": command,
         "machine": machine(),
         "loadBefore": loadAverage(),
-        "sizes": asdict(sizes),
+        "sizes": json.loads(json.dumps(asdict(sizes))),
         "placement": {
             "proxyCpu": 0 if cpuCount() >= 2 else None,
             "loadCpu": 1 if cpuCount() >= 2 else None,

@@ -1,0 +1,183 @@
+"""
+Tests for L{benchmarks}: the benchmark runs end to end at a tiny size and
+writes well-formed results.  Nothing here checks how fast anything is.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+from twisted.trial import unittest
+
+from benchmarks import measure, native, peers, profile, report, run
+
+
+class ParsingTests(unittest.TestCase):
+    """
+    The pieces that turn tool output into figures.
+    """
+
+    def test_percentile(self) -> None:
+        """
+        L{measure.percentile} is the nearest-rank percentile: the p99 of
+        1..100 is 99, the p50 of 1..4 is 2, and there is none of nothing.
+        """
+        self.assertEqual(measure.percentile(list(range(100, 0, -1)), 99), 99)
+        self.assertEqual(measure.percentile([4, 1, 3, 2], 50), 2)
+        self.assertIsNone(measure.percentile([], 50))
+
+    def test_burst(self) -> None:
+        """
+        C{mpbench burst} lines become connections; only those that got
+        their byte count in the times, the others are failures by kind.
+        """
+        connections = measure.parseBurst(
+            "conn 0 100 2000 ok\nconn 1 300 4000 ok\nconn 2 -1 -1 refused\n"
+            "conn 3 50 -1 timeout\nspread 10\ndone\n"
+        )
+        self.assertEqual(
+            [c["status"] for c in connections], ["ok", "ok", "refused", "timeout"]
+        )
+        summary = measure.summarizeBurst(connections)
+        self.assertEqual(summary["attempts"], 4)
+        self.assertEqual(summary["failures"], 2)
+        self.assertEqual(summary["failureKinds"], {"refused": 1, "timeout": 1})
+        self.assertAlmostEqual(summary["connectMeanMs"], 0.2)
+        self.assertAlmostEqual(summary["firstByteMeanMs"], 3.0)
+        self.assertAlmostEqual(summary["firstByteP99Ms"], 4.0)
+
+    def test_profileSummary(self) -> None:
+        """
+        Collapsed stacks are summed by innermost frame (self) and by every
+        frame (inclusive), as shares of all samples.
+        """
+        raw = (
+            "process 1;thread (0x1);run (twisted/base.py:10);doRead (twisted/tcp.py:5) 3\n"
+            "process 1;thread (0x1);run (twisted/base.py:10);write (miniproxy/legs.py:7) 1\n"
+        )
+        summary = profile.summarize(raw)
+        self.assertEqual(summary["samples"], 4)
+        self.assertEqual(summary["self"][0], {"function": "doRead (twisted/tcp.py)",
+                                              "share": 0.75})
+        self.assertEqual(summary["inclusive"][0], {"function": "run (twisted/base.py)",
+                                                   "share": 1.0})
+
+    def test_haproxyConfig(self) -> None:
+        """
+        HAProxy runs one thread in TCP mode; the splice peer adds the three
+        splice options, the plain one none.
+        """
+        plain = peers.haproxyConfig(1000, 2000, splice=False)
+        spliced = peers.haproxyConfig(1000, 2000, splice=True)
+        for config in (plain, spliced):
+            self.assertIn("nbthread 1\n", config)
+            self.assertIn("mode tcp\n", config)
+            self.assertIn("bind 127.0.0.1:1000\n", config)
+            self.assertIn("server backend 127.0.0.1:2000\n", config)
+        for option in ("splice-auto", "splice-request", "splice-response"):
+            self.assertNotIn(option, plain)
+            self.assertIn(f"option {option}\n", spliced)
+
+
+TINY = run.Sizes(
+    throughputSeconds=1.0,
+    burstSizes=(5, 10),
+    burstRepeats=1,
+    shortClients=4,
+    shortSeconds=0.5,
+    idlePairs=20,
+    coldRuns=1,
+    listenerRuns=2,
+    hookFlows=20,
+    hookChunks=100,
+    hookRounds=1,
+)
+
+
+class SmokeTests(unittest.TestCase):
+    """
+    The whole benchmark at a tiny size, against direct, HAProxy and
+    miniproxy.
+    """
+
+    def setUp(self) -> None:
+        missing = [n for n in ("haproxy", "iperf3") if shutil.which(n) is None]
+        if native.compiler() is None:
+            missing.append("a C compiler")
+        if missing:
+            raise unittest.SkipTest(f"not installed: {', '.join(missing)}")
+
+    def test_runAll(self) -> None:
+        """
+        L{run.runAll} measures every figure of every peer, without errors,
+        and writes JSON, CSV and markdown that agree with what it returned;
+        the document's results section is replaced, the rest kept.
+        """
+        out = Path(self.mktemp())
+        doc = out / "doc.md"
+        out.mkdir()
+        doc.write_text(f"intro\n{report.BEGIN}\nold\n{report.END}\noutro\n")
+        chosen = (peers.DIRECT, peers.HAPROXY, peers.MINIPROXY_ACCEPT)
+        results = run.runAll(out, TINY, chosen, command="smoke", doc=doc, plots=False,
+                             log=lambda line: None, pin=False)
+
+        self.assertEqual(json.loads((out / "results.json").read_text()), results)
+        self.assertEqual(results["command"], "smoke")
+        self.assertEqual(list(results["peers"]), [p.name for p in chosen])
+        errors = {
+            (name, key): value["error"]
+            for name, peer in results["peers"].items()
+            for key, value in peer.items()
+            if isinstance(value, dict) and "error" in value
+        }
+        self.assertEqual(errors, {})
+
+        for name in ("direct", "haproxy", "miniproxy-accept"):
+            peer = results["peers"][name]
+            self.assertGreater(peer["throughput"]["gbps"], 0)
+            self.assertEqual(sorted(peer["simultaneous"], key=int), ["5", "10"])
+            for size, burst in peer["simultaneous"].items():
+                self.assertEqual(burst["attempts"], int(size))
+                self.assertEqual(burst["failures"], 0)
+                self.assertGreater(burst["firstByteMeanMs"], 0)
+                self.assertGreaterEqual(burst["firstByteP99Ms"], burst["firstByteMeanMs"])
+            self.assertGreater(peer["shortFlows"]["flows"], 0)
+            self.assertEqual(peer["shortFlows"]["errors"], 0)
+        for name in ("haproxy", "miniproxy-accept"):
+            peer = results["peers"][name]
+            self.assertEqual(peer["idleMemory"]["held"], TINY.idlePairs)
+            self.assertGreater(peer["idleMemory"]["during"]["rss"], 0)
+            self.assertEqual(len(peer["coldStart"]["runsMs"]), TINY.coldRuns)
+            self.assertGreater(peer["coldStart"]["medianMs"], 0)
+        self.assertIsNone(results["peers"]["direct"]["idleMemory"])
+
+        mine = results["peers"]["miniproxy-accept"]
+        for mode in ("accept", "early"):
+            self.assertEqual(len(mine["newListener"][mode]["firstByteRunsMs"]),
+                             TINY.listenerRuns)
+        self.assertEqual(mine["hookMicro"]["flows"], TINY.hookFlows)
+        comparison = mine["hookComparison"]
+        self.assertEqual(len(comparison["shortFlowsNoop"]), TINY.hookRounds)
+        self.assertGreater(comparison["noopCounts"]["chunks"], 0)
+        self.assertIn("perChunkNs", results["hookOverhead"])
+
+        with open(out / "results.csv", newline="") as f:
+            rows = list(csv.reader(f))
+        self.assertEqual(rows[0], ["peer", "measurement", "figure", "value",
+                                   "ratio_to_haproxy"])
+        haproxyRate = [r for r in rows if r[:3] == ["haproxy", "shortFlows", "flowsPerSecond"]]
+        self.assertEqual(len(haproxyRate), 1)
+        self.assertAlmostEqual(float(haproxyRate[0][4]), 1.0)
+
+        table = (out / "results.md").read_text()
+        for peer in chosen:
+            self.assertIn(f"| {peer.label} |", table)
+        self.assertIn("Table 1", table)
+        text = doc.read_text()
+        self.assertTrue(text.startswith(f"intro\n{report.BEGIN}\n"))
+        self.assertTrue(text.endswith(f"{report.END}\noutro\n"))
+        self.assertNotIn("\nold\n", text)
+        self.assertIn("| HAProxy (1 thread) |", text)
