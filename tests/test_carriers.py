@@ -855,3 +855,99 @@ class SettingsTests(unittest.TestCase):
         reader = ProxyV2Reader(flow, MemoryReactorClock(), 0)
         self.assertEqual(reader.feed(flow, header() + b"a"), b"a")
         self.assertEqual(reader.feed(flow, b"b"), b"b")
+
+
+FASTOPEN_SYSCTL = "/proc/sys/net/ipv4/tcp_fastopen"
+
+
+def _writeFastOpenSysctl(value: str) -> None:
+    with open(FASTOPEN_SYSCTL, "w") as f:
+        f.write(value)
+
+
+class FastOpenSynTests(unittest.TestCase):
+    """
+    On real loopback sockets, a client whose Fast Open SYN carries the
+    header (and its first bytes) has its flow's outgoing leg started at
+    that SYN, by the SYN tap, to the destination the header names.
+    """
+
+    def setUp(self) -> None:
+        import os
+
+        from tests.support import Network
+
+        if os.geteuid() != 0:
+            raise unittest.SkipTest("needs root: the SYN tap and the tcp_fastopen sysctl")
+        with open(FASTOPEN_SYSCTL) as f:
+            before = f.read().strip()
+        self.addCleanup(_writeFastOpenSysctl, before)
+        # Client and server Fast Open.
+        _writeFastOpenSysctl("3")
+        self.network = Network(self)
+
+    def test_headerInSyn(self) -> Any:
+        import socket
+
+        from twisted.internet import defer, threads
+
+        from miniproxy.tcpclient import TCP_FASTOPEN_CONNECT
+
+        network = self.network
+        head = headerBytes(ORIGIN, DESTINATION)
+
+        def fastOpenClient(port: int, message: bytes) -> bytes:
+            # Blocking, in a thread: connect() waits for the first write,
+            # which rides in the SYN once the kernel holds a cookie.
+            c = socket.socket()
+            try:
+                c.settimeout(10)
+                c.setsockopt(socket.IPPROTO_TCP, TCP_FASTOPEN_CONNECT, 1)
+                c.connect(("127.0.0.1", port))
+                c.sendall(head + message)
+                c.shutdown(socket.SHUT_WR)
+                chunks = []
+                while True:
+                    data = c.recv(4096)
+                    if not data:
+                        return b"".join(chunks)
+                    chunks.append(data)
+            finally:
+                c.close()
+
+        @defer.inlineCallbacks
+        def run() -> Any:
+            echo, servers = network.server(echo=True)
+            proxy = yield network.startProxy(
+                to=None, listen=None,
+                document={
+                    "listeners": [{
+                        "endpoint": "tcp:0:interface=127.0.0.1",
+                        "to": f"tcp:host=127.0.0.1:port={echo}",
+                        "explicit": ["proxy-v2"],
+                        "trusted": ["127.0.0.0/8"],
+                    }],
+                    "functions": ["policy"],
+                    "function": {"policy": ALLOW_192},
+                },
+            )
+            flows = []
+            for i in range(3):
+                message = b"hello %d" % i
+                got = yield threads.deferToThread(fastOpenClient, proxy.port, message)
+                self.assertEqual(got, message)
+                flow = yield proxy.nextClosed()
+                self.assertIs(flow.outcome, Outcome.OK)
+                self.assertEqual((flow.origin, flow.destination), (ORIGIN, DESTINATION))
+                self.assertEqual(flow.bytesFromClient, len(message))
+                flows.append(flow)
+            # A first SYN may only ask for a cookie (unless the kernel holds
+            # one from before): that flow waits for its header after
+            # accept.  Once the cookie is held, the header is in the SYN
+            # and the outgoing leg starts there, before the accept.
+            self.assertIn(flows[0].startedBy, (Moment.ACCEPT, Moment.SYN))
+            for flow in flows[1:]:
+                self.assertIs(flow.startedBy, Moment.SYN)
+                self.assertLessEqual(flow.times.outgoingStarted, flow.times.accepted)
+
+        return run()
