@@ -46,17 +46,32 @@ def _frameName(frame: str) -> str:
     return f"{name} ({short})"
 
 
-def summarize(raw: str, top: int = 15) -> dict[str, Any]:
+def _area(frame: str) -> str:
+    # Where a frame's code lives, as py-spy shortens it: a package
+    # directory ("twisted/internet", "miniproxy"), or for a bare file name
+    # a module of the standard library ("stdlib socket").
+    where = frame.partition(" (")[2].rsplit(":", 1)[0]
+    if "/" in where:
+        return where.rsplit("/", 1)[0]
+    if where.endswith(".py"):
+        return "stdlib " + where.removesuffix(".py")
+    return where or "?"
+
+
+def summarize(raw: str, top: int = 15, mine: str = "miniproxy/") -> dict[str, Any]:
     """
-    The functions that take the most samples in collapsed stacks: by self
-    time (the innermost frame) and inclusively (anywhere in the stack),
-    each as a share of all samples.
+    Where the samples of collapsed stacks fall: the functions by self time
+    (the innermost frame), the package directories by self time, and the
+    functions whose file path contains C{mine}, inclusively (anywhere in
+    the stack); each as a share of all samples.
 
     @param raw: C{py-spy --format raw} output: one C{frame;frame;... N}
         line per stack, outermost frame first.
-    @param top: How many functions to list.
+    @param top: How many entries to list.
+    @param mine: What marks the project's own frames.
     """
     own: Counter[str] = Counter()
+    areas: Counter[str] = Counter()
     inclusive: Counter[str] = Counter()
     total = 0
     for line in raw.splitlines():
@@ -65,17 +80,26 @@ def summarize(raw: str, top: int = 15) -> dict[str, Any]:
             continue
         n = int(count)
         total += n
-        frames = [_frameName(f) for f in stack.split(";") if f and not f.startswith("process ")
+        frames = [f for f in stack.split(";") if f and not f.startswith("process ")
                   and not f.startswith("thread ")]
         if not frames:
             continue
-        own[frames[-1]] += n
-        for name in set(frames):
+        own[_frameName(frames[-1])] += n
+        areas[_area(frames[-1])] += n
+        for name in {_frameName(f) for f in frames if mine in f}:
             inclusive[name] += n
-    share = lambda c: [  # noqa: E731
-        {"function": name, "share": n / total} for name, n in c.most_common(top)
-    ] if total else []
-    return {"samples": total, "self": share(own), "inclusive": share(inclusive)}
+
+    def shares(counter: Counter[str], key: str) -> list[dict[str, Any]]:
+        if not total:
+            return []
+        return [{key: name, "share": n / total} for name, n in counter.most_common(top)]
+
+    return {
+        "samples": total,
+        "self": shares(own, "function"),
+        "selfByArea": shares(areas, "area"),
+        "inclusive": shares(inclusive, "function"),
+    }
 
 
 def finish(recorder: subprocess.Popen, output: Path, timeout: float = 60) -> dict[str, Any]:

@@ -160,7 +160,7 @@ def markdown(results: dict[str, Any], heading: str = "##") -> str:
         "",
         f"{heading}# Summary (ratio to HAProxy, 1 thread)",
         "",
-        f"| peer | throughput Gbit/s | TTFB at {largest} connects, mean ms | p99 ms | "
+        f"| peer | throughput Gbit/s | TTFB at {largest or '–'} connects, mean ms | p99 ms | "
         "short flows/s | errors | memory per idle pair, KiB (RSS) | PSS | cold start ms |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
@@ -261,14 +261,21 @@ def markdown(results: dict[str, Any], heading: str = "##") -> str:
                 f"{heading}# Where miniproxy's time goes ({kind}, py-spy, "
                 f"{profile['samples']} samples, `{profile['file']}`)",
                 "",
-                "| function | self | | function | inclusive |",
-                "|---|---|---|---|---|",
+                "| function (self) | share | package (self) | share | "
+                "miniproxy function (inclusive) | share |",
+                "|---|---|---|---|---|---|",
             ]
-            for own, incl in zip(profile["self"][:12], profile["inclusive"][:12]):
-                lines.append(
-                    f"| `{own['function']}` | {own['share']:.0%} | | "
-                    f"`{incl['function']}` | {incl['share']:.0%} |"
-                )
+            columns = [profile.get("self", []), profile.get("selfByArea", []),
+                       profile.get("inclusive", [])]
+            for i in range(12):
+                cells = []
+                for column, key in zip(columns, ("function", "area", "function")):
+                    if i < len(column):
+                        cells += [f"`{column[i][key]}`", f"{column[i]['share']:.0%}"]
+                    else:
+                        cells += ["", ""]
+                if any(cells):
+                    lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -51,19 +51,29 @@ class ParsingTests(unittest.TestCase):
 
     def test_profileSummary(self) -> None:
         """
-        Collapsed stacks are summed by innermost frame (self) and by every
-        frame (inclusive), as shares of all samples.
+        Collapsed stacks are summed by innermost frame and by the package
+        it lives in (self), and for the project's own functions by every
+        frame they appear in (inclusive), as shares of all samples.
         """
         raw = (
-            "process 1;thread (0x1);run (twisted/base.py:10);doRead (twisted/tcp.py:5) 3\n"
-            "process 1;thread (0x1);run (twisted/base.py:10);write (miniproxy/legs.py:7) 1\n"
+            "process 1;thread (0x1);run (twisted/internet/base.py:10);"
+            "doRead (twisted/internet/tcp.py:5) 3\n"
+            "process 1;thread (0x1);run (twisted/internet/base.py:10);"
+            "dataReceived (miniproxy/legs.py:9);send (socket.py:7) 1\n"
         )
         summary = profile.summarize(raw)
         self.assertEqual(summary["samples"], 4)
-        self.assertEqual(summary["self"][0], {"function": "doRead (twisted/tcp.py)",
-                                              "share": 0.75})
-        self.assertEqual(summary["inclusive"][0], {"function": "run (twisted/base.py)",
-                                                   "share": 1.0})
+        self.assertEqual(summary["self"], [
+            {"function": "doRead (internet/tcp.py)", "share": 0.75},
+            {"function": "send (socket.py)", "share": 0.25},
+        ])
+        self.assertEqual(summary["selfByArea"], [
+            {"area": "twisted/internet", "share": 0.75},
+            {"area": "stdlib socket", "share": 0.25},
+        ])
+        self.assertEqual(summary["inclusive"], [
+            {"function": "dataReceived (miniproxy/legs.py)", "share": 0.25},
+        ])
 
     def test_haproxyConfig(self) -> None:
         """
