@@ -17,10 +17,9 @@ import socket
 import struct
 from typing import Any, Callable
 
-from twisted.internet.interfaces import IReadDescriptor
 from twisted.logger import Logger
-from twisted.python.failure import Failure
-from zope.interface import implementer
+
+from miniproxy.socketreader import SocketReader
 
 _log = Logger(namespace="miniproxy.nfqueue")
 
@@ -90,8 +89,7 @@ class QueueError(OSError):
     """
 
 
-@implementer(IReadDescriptor)
-class NetfilterQueue:
+class NetfilterQueue(SocketReader):
     """
     One bound netfilter queue, read by the reactor.
 
@@ -107,12 +105,13 @@ class NetfilterQueue:
         onPacket: Callable[[bytes], bytes],
         family: int = socket.AF_INET,
     ) -> None:
-        self.reactor = reactor
+        super().__init__(reactor)
         self.queue = queue
         self.family = family
         self.onPacket = onPacket
         self.handled = 0
-        self._sock: socket.socket | None = None
+
+    prefix = "NetfilterQueue"
 
     def _request(self, sock: socket.socket, kind: int, attributes: bytes) -> None:
         sock.send(_message(kind, self.family, self.queue, attributes, NLM_F_ACK))
@@ -142,40 +141,10 @@ class NetfilterQueue:
                 sock, NFQNL_MSG_CONFIG,
                 _attribute(NFQA_CFG_PARAMS, struct.pack("!IB", 0xFFFF, NFQNL_COPY_PACKET)),
             )
-            sock.setblocking(False)
         except BaseException:
             sock.close()
             raise
-        self._sock = sock
-        self.reactor.addReader(self)
-
-    def stop(self) -> None:
-        """
-        Unbind and close.  Packets still queued are accepted by the kernel
-        when the queue goes away only with C{--queue-bypass} on the rule.
-        """
-        sock, self._sock = self._sock, None
-        if sock is not None:
-            self.reactor.removeReader(self)
-            sock.close()
-
-    def fileno(self) -> int:
-        """
-        See L{IReadDescriptor}.
-        """
-        return self._sock.fileno() if self._sock is not None else -1
-
-    def logPrefix(self) -> str:
-        """
-        See L{twisted.internet.interfaces.ILoggingContext}.
-        """
-        return "NetfilterQueue"
-
-    def connectionLost(self, reason: Failure) -> None:
-        """
-        The reactor dropped the descriptor.
-        """
-        self.stop()
+        self._listen(sock)
 
     def doRead(self) -> None:
         """

@@ -20,7 +20,6 @@ C{iptables} C{NFQUEUE} target (here through iptables-nft) does.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 from typing import Any, Callable
 

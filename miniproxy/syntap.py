@@ -20,12 +20,10 @@ import socket
 import struct
 from typing import Any, Callable, Iterable
 
-from twisted.internet.interfaces import IReadDescriptor
 from twisted.logger import Logger
-from twisted.python.failure import Failure
-from zope.interface import implementer
 
 from miniproxy.address import ipText
+from miniproxy.socketreader import SocketReader
 from miniproxy.wire.errors import MalformedInput
 from miniproxy.wire.packet import TCPSegment, parseIP, parseTCP
 
@@ -95,8 +93,7 @@ def attachFilter(sock: socket.socket, program: list[tuple[int, int, int, int]]) 
     sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, fprog)
 
 
-@implementer(IReadDescriptor)
-class SynTap:
+class SynTap(SocketReader):
     """
     Reads SYNs from a raw socket registered with the reactor as a reader.
 
@@ -113,14 +110,13 @@ class SynTap:
         onSyn: Callable[[TCPSegment], None],
         receiveBuffer: int = 4 * 1024 * 1024,
     ) -> None:
-        self.reactor = reactor
+        super().__init__(reactor)
         self.family = family
         self.ports = frozenset(ports)
         self.onSyn = onSyn
         self.receiveBuffer = receiveBuffer
         self.seen = 0
         self.malformed = 0
-        self._sock: socket.socket | None = None
 
     def start(self) -> None:
         """
@@ -138,12 +134,12 @@ class SynTap:
                 sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, self.receiveBuffer)
             except OSError:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.receiveBuffer)
-            sock.setblocking(False)
         except BaseException:
             sock.close()
             raise
-        self._sock = sock
-        self.reactor.addReader(self)
+        self._listen(sock)
+
+    prefix = "SynTap"
 
     def setPorts(self, ports: Iterable[int]) -> None:
         """
@@ -152,40 +148,6 @@ class SynTap:
         self.ports = frozenset(ports)
         if self._sock is not None:
             attachFilter(self._sock, synFilter(self.ports, self.family == socket.AF_INET))
-
-    def stop(self) -> None:
-        """
-        Stop reading and close the raw socket.  Stopping twice is harmless.
-        """
-        sock, self._sock = self._sock, None
-        if sock is not None:
-            self.reactor.removeReader(self)
-            sock.close()
-
-    @property
-    def running(self) -> bool:
-        """
-        Whether the tap is reading.
-        """
-        return self._sock is not None
-
-    def fileno(self) -> int:
-        """
-        See L{IReadDescriptor}.
-        """
-        return self._sock.fileno() if self._sock is not None else -1
-
-    def logPrefix(self) -> str:
-        """
-        See L{twisted.internet.interfaces.ILoggingContext}.
-        """
-        return "SynTap"
-
-    def connectionLost(self, reason: Failure) -> None:
-        """
-        The reactor dropped the descriptor.
-        """
-        self.stop()
 
     def doRead(self) -> None:
         """
