@@ -1,12 +1,13 @@
 # -*- test-case-name: tests.test_benchmarks -*-
 """
 The measurements made inside one Python process: adding a listener to a
-running miniproxy service, and the cost of a no-op function's hooks on the
+running miniproxy service, the Python objects an idle pair holds, and the
+cost of a no-op function's hooks on the
 in-memory relay of L{miniproxy.testing.FlowHarness}.
 
-Run as C{python -m benchmarks.inproc listener BACKEND_PORT RUNS} or
-C{python -m benchmarks.inproc hooks FLOWS CHUNKS}; each prints one JSON
-object.
+Run as C{python -m benchmarks.inproc listener BACKEND_PORT RUNS},
+C{python -m benchmarks.inproc memory BACKEND_PORT PAIRS} or C{python -m
+benchmarks.inproc hooks FLOWS CHUNKS}; each prints one JSON object.
 """
 
 from __future__ import annotations
@@ -110,6 +111,106 @@ async def listenerTimes(reactor: Any, backendPort: int, runs: int) -> dict[str, 
     return results
 
 
+async def memoryView(reactor: Any, backendPort: int, pairs: int) -> dict[str, Any]:
+    """
+    miniproxy's Python-level view of idle pairs: a service in this
+    process, C{pairs} clients (plain non-blocking sockets made beforehand)
+    each holding a pair open, and what C{tracemalloc} and the garbage
+    collector see added per pair.
+
+    @param reactor: The running reactor.
+    @param backendPort: A local backend that sends a byte on accept.
+    @param pairs: How many idle pairs to hold.
+    @return: C{tracedPerPair} (bytes of Python allocations per pair), the
+        source lines that allocated most, and the objects per pair by type.
+    """
+    import socket
+    import tracemalloc
+    from collections import Counter
+
+    from twisted.internet.task import deferLater
+
+    from miniproxy.service import ProxyService
+
+    tracemalloc.start(1)
+    to = f"tcp:host=127.0.0.1:port={backendPort}"
+    config = buildConfig(
+        {}, listen=["tcp:0:interface=127.0.0.1"], to=to, mode="accept",
+        limits={"max-flows-per-source": 100000, "max-flows": 100000},
+    )
+    service = ProxyService(config, reactor)
+    service.startService()
+    [port] = await service.whenListening()
+    address = ("127.0.0.1", port.getHost().port)
+
+    async def hold(clients: list[socket.socket]) -> None:
+        for c in clients:
+            c.connect_ex(address)
+        waiting = set(clients)
+        deadline = time.monotonic() + 30
+        while waiting and time.monotonic() < deadline:
+            for c in list(waiting):
+                try:
+                    if c.recv(16):
+                        waiting.discard(c)
+                except BlockingIOError:
+                    pass
+            if waiting:
+                await deferLater(reactor, 0.005, lambda: None)
+        if waiting:
+            raise RuntimeError(f"{len(waiting)} pairs never got their byte")
+
+    def sockets(n: int) -> list[socket.socket]:
+        made = [socket.socket() for _ in range(n)]
+        for c in made:
+            c.setblocking(False)
+        return made
+
+    def types() -> Counter[str]:
+        return Counter(type(o).__qualname__ for o in gc.get_objects())
+
+    try:
+        warm = sockets(10)
+        await hold(warm)
+        for c in warm:
+            c.close()
+        while service.table.flows:
+            await deferLater(reactor, 0.01, lambda: None)
+        clients = sockets(pairs)
+        gc.collect()
+        before, typesBefore = tracemalloc.take_snapshot(), types()
+        await hold(clients)
+        await deferLater(reactor, 0.1, lambda: None)
+        gc.collect()
+        after, typesAfter = tracemalloc.take_snapshot(), types()
+        held = len(service.table.flows)
+        for c in clients:
+            c.close()
+    finally:
+        await service.stopService()
+        tracemalloc.stop()
+    filters = [tracemalloc.Filter(False, tracemalloc.__file__)]
+    differences = after.filter_traces(filters).compare_to(
+        before.filter_traces(filters), "lineno")
+    added = sum(d.size_diff for d in differences)
+    top = [
+        {
+            "line": f"{d.traceback[0].filename.rsplit('site-packages/', 1)[-1]}:"
+            f"{d.traceback[0].lineno}",
+            "bytesPerPair": d.size_diff / pairs,
+        }
+        for d in sorted(differences, key=lambda d: -d.size_diff)[:15]
+    ]
+    objects = typesAfter - typesBefore
+    return {
+        "pairs": pairs,
+        "flowsHeld": held,
+        "tracedPerPair": added / pairs,
+        "topLines": top,
+        "objectsPerPair": {name: n / pairs for name, n in objects.most_common(20)},
+    }
+
+
 def _timed(f: Callable[[], None], repeats: int = 3) -> float:
     best = float("inf")
     for _ in range(repeats):
@@ -203,11 +304,28 @@ def main(argv: list[str]) -> int:
                 return int(e.code)
         print(json.dumps(result))
         return 0
+    if what == "memory" and len(argv) == 4:
+        memory: dict[str, Any] = {}
+
+        def runMemory(reactor: Any) -> Deferred:
+            d = ensureDeferred(memoryView(reactor, int(argv[2]), int(argv[3])))
+            return d.addCallback(memory.update)
+
+        from twisted.internet.task import react as reactMemory
+
+        try:
+            reactMemory(runMemory)
+        except SystemExit as e:
+            if e.code:
+                return int(e.code)
+        print(json.dumps(memory))
+        return 0
     if what == "hooks" and len(argv) == 4:
         print(json.dumps(hookCosts(int(argv[2]), int(argv[3]))))
         return 0
     sys.stderr.write(
         "usage: python -m benchmarks.inproc listener BACKEND_PORT RUNS\n"
+        "       python -m benchmarks.inproc memory BACKEND_PORT PAIRS\n"
         "       python -m benchmarks.inproc hooks FLOWS CHUNKS\n"
     )
     return 2

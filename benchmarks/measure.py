@@ -22,7 +22,7 @@ from pathlib import Path
 from contextlib import contextmanager
 from typing import Any, Iterator, Sequence
 
-from attrs import define, field
+from attrs import define, evolve, field
 
 from benchmarks.profile import finish, startRecording
 from benchmarks.peers import (
@@ -142,8 +142,7 @@ class Bench:
         Start C{peer} on C{port} and wait until it listens.
         """
         if env:
-            peer = type(peer)(peer.name, peer.label, peer.build,
-                              {**peer.env, **env}, peer.needs, peer.proxy)
+            peer = evolve(peer, env={**peer.env, **env})
         process = peer.start(port, backendPort, self.workdir)
         self.processes.append(process)
         return process
@@ -573,6 +572,18 @@ def newListener(bench: Bench, runs: int = 20) -> dict[str, Any]:
     backend, backendPort = bench.backend(greet=1)
     try:
         return inProcess(bench, "listener", str(backendPort), str(runs))
+    finally:
+        bench.stop(backend)
+
+
+def pythonMemory(bench: Bench, pairs: int = 1000) -> dict[str, Any]:
+    """
+    miniproxy's Python-level view of idle pairs (see
+    L{benchmarks.inproc.memoryView}).
+    """
+    backend, backendPort = bench.backend(greet=1)
+    try:
+        return inProcess(bench, "memory", str(backendPort), str(pairs))
     finally:
         bench.stop(backend)
 

@@ -173,9 +173,11 @@ class Process:
 
     @classmethod
     def start(cls, name: str, command: Sequence[str], log: Path | None = None,
-              env: dict[str, str] | None = None, stdout: int | None = None) -> "Process":
+              env: dict[str, str] | None = None, stdout: int | None = None,
+              passFds: Sequence[int] = ()) -> "Process":
         """
-        Start C{command}, with its output in C{log} (or discarded).
+        Start C{command}, with its output in C{log} (or discarded), and
+        the descriptors C{passFds} left open for it.
         """
         out: object
         if stdout is not None:
@@ -191,6 +193,7 @@ class Process:
             stderr=subprocess.STDOUT if stdout is None else subprocess.DEVNULL,
             env=env,
             start_new_session=True,
+            pass_fds=tuple(passFds),
         )
         if hasattr(out, "close"):
             out.close()  # type: ignore[union-attr]
@@ -248,6 +251,10 @@ class Peer:
     @ivar env: Extra environment.
     @ivar needs: The executables it needs.
     @ivar proxy: Whether there is a proxy at all (not for C{direct}).
+    @ivar workers: How many processes share one listening socket (made
+        here, and handed over as systemd does: C{LISTEN_FDS}, fd 3); worker
+        I{i} runs on core I{i} modulo the cores.
+    @ivar measures: The measurements it takes part in; all by default.
     """
 
     name: str
@@ -256,6 +263,14 @@ class Peer:
     env: dict[str, str] = field(factory=dict)
     needs: tuple[str, ...] = ()
     proxy: bool = True
+    workers: int = 1
+    measures: tuple[str, ...] | None = None
+
+    def takesPart(self, measurement: str) -> bool:
+        """
+        Whether this peer is measured by C{measurement}.
+        """
+        return self.measures is None or measurement in self.measures
 
     def missing(self) -> list[str]:
         """
@@ -279,10 +294,12 @@ class Peer:
         return env
 
     def start(self, listenPort: int, backendPort: int, workdir: Path,
-              timeout: float = 20.0) -> Process:
+              timeout: float = 20.0) -> "Process | ProcessGroup":
         """
         Start it and wait until it listens.
         """
+        if self.workers > 1:
+            return self._startWorkers(listenPort, backendPort, workdir, timeout)
         process = Process.start(
             self.name,
             self.command(listenPort, backendPort, workdir),
@@ -295,6 +312,81 @@ class Peer:
             process.stop()
             raise RuntimeError(f"{e}\n{process.tail()}") from None
         return process
+
+
+    def _startWorkers(self, listenPort: int, backendPort: int, workdir: Path,
+                      timeout: float) -> "ProcessGroup":
+        assert self.build is not None
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", listenPort))
+        listener.listen(1024)
+        fd = listener.fileno()
+        # The socket goes to fd 3 of each worker, with systemd's variables.
+        move = "" if fd == 3 else f" 3<&{fd} {fd}<&-"
+        group = ProcessGroup(self.name, [])
+        try:
+            for i in range(self.workers):
+                command = pinned(self.build(listenPort, backendPort, workdir),
+                                 i % max(cpuCount(), 1))
+                group.processes.append(Process.start(
+                    f"{self.name}-{i}",
+                    ["sh", "-c", "export LISTEN_PID=$$ LISTEN_FDS=1 LISTEN_FDNAMES=proxy; "
+                     f'exec "$@"{move}', "sh", *command],
+                    log=workdir / f"{self.name}-{i}.log",
+                    env=self.environment(),
+                    passFds=(fd,),
+                ))
+            # Each worker logs once it listens on the socket it adopted.
+            for process in group.processes:
+                waitFor(lambda: "listening on" in process.tail(50), timeout, process.name,
+                        process.popen)
+        except Exception as e:
+            group.stop()
+            raise RuntimeError(f"{e}\n{group.tail()}") from None
+        finally:
+            listener.close()
+        return group
+
+
+@define
+class ProcessGroup:
+    """
+    The worker processes of one peer, stopped together.
+
+    @ivar name: The peer's name.
+    @ivar processes: The workers.
+    """
+
+    name: str
+    processes: list[Process]
+
+    @property
+    def pid(self) -> int:
+        """
+        The first worker's process id.
+        """
+        return self.processes[0].pid
+
+    @property
+    def popen(self) -> subprocess.Popen:
+        """
+        The first worker's process.
+        """
+        return self.processes[0].popen
+
+    def tail(self, lines: int = 20) -> str:
+        """
+        The last lines of every worker's log.
+        """
+        return "\n".join(p.tail(lines) for p in self.processes)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """
+        Stop every worker.
+        """
+        for process in self.processes:
+            process.stop(timeout)
 
 
 def haproxyConfig(listenPort: int, backendPort: int, splice: bool) -> str:
@@ -367,7 +459,8 @@ def _portforward(listenPort: int, backendPort: int, workdir: Path) -> list[str]:
 MINIPROXY_LIMITS = ("--max-flows", "100000", "--max-flows-per-source", "100000")
 
 
-def _miniproxy(mode: str, functions: Sequence[str] = ()) -> Callable[[int, int, Path], list[str]]:
+def _miniproxy(mode: str, functions: Sequence[str] = (),
+               listen: str | None = None) -> Callable[[int, int, Path], list[str]]:
     def build(listenPort: int, backendPort: int, workdir: Path) -> list[str]:
         command = [
             *TWISTD,
@@ -375,7 +468,7 @@ def _miniproxy(mode: str, functions: Sequence[str] = ()) -> Callable[[int, int, 
             "--pidfile=",
             "miniproxy",
             "--listen",
-            f"tcp:{listenPort}:interface=127.0.0.1",
+            listen or f"tcp:{listenPort}:interface=127.0.0.1",
             "--to",
             f"tcp:host=127.0.0.1:port={backendPort}",
             "--mode",
@@ -421,6 +514,14 @@ MINIPROXY_NOOP = Peer(
     _miniproxy("accept", ["bench-noop"]),
     env={"PYTHONPATH": _pythonPath(DROPINS)},
 )
+MINIPROXY_WORKERS = Peer(
+    "miniproxy-2workers",
+    "miniproxy --mode accept, 2 workers (CPUs 0 and 1)",
+    _miniproxy("accept", listen="systemd:domain=INET:index=0"),
+    env={"PYTHONPATH": _pythonPath()},
+    workers=2,
+    measures=("simultaneous", "shortFlows"),
+)
 
 #: Every peer, in the order of the tables (the no-op function's run is
 #: part of miniproxy's hook comparison).
@@ -432,6 +533,7 @@ PEERS: tuple[Peer, ...] = (
     PORTFORWARD,
     MINIPROXY_ACCEPT,
     MINIPROXY_EARLY,
+    MINIPROXY_WORKERS,
 )
 
 #: The peer ratios are taken to.

@@ -217,8 +217,16 @@ def markdown(results: dict[str, Any], heading: str = "##") -> str:
     mine = peers.get("miniproxy-accept", {})
     listener = _get(mine, "newListener")
     hooks = results.get("hookOverhead")
-    if listener or hooks:
+    if listener or hooks or _get(mine, "pythonMemory"):
         lines += ["", f"{heading}# miniproxy only", ""]
+    python = _get(mine, "pythonMemory")
+    if isinstance(python, dict) and "tracedPerPair" in python:
+        lines.append(
+            f"- Python's view of an idle pair (`tracemalloc`, {python['pairs']} pairs in "
+            f"process): {_fmt(python['tracedPerPair'] / 1024, 2)} KiB per pair; objects per "
+            "pair: " + ", ".join(
+                f"{n:g} {name}" for name, n in list(python["objectsPerPair"].items())[:12])
+        )
     if isinstance(listener, dict) and "accept" in listener:
         for mode in ("accept", "early"):
             x = listener.get(mode, {})

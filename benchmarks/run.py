@@ -103,6 +103,7 @@ MEASUREMENTS = (
     "shortFlows",
     "idleMemory",
     "coldStart",
+    "pythonMemory",
     "newListener",
     "hookComparison",
     "hookMicro",
@@ -196,7 +197,7 @@ def runPeer(bench: measure.Bench, peer: Peer, sizes: Sizes, measurements: Sequen
     results: dict[str, Any] = {"label": peer.label}
 
     def attempt(name: str, f: Callable[[], Any]) -> None:
-        if name not in measurements:
+        if name not in measurements or not peer.takesPart(name):
             return
         started = time.monotonic()
         try:
@@ -217,6 +218,7 @@ def runPeer(bench: measure.Bench, peer: Peer, sizes: Sizes, measurements: Sequen
     attempt("idleMemory", lambda: measure.idleMemory(bench, peer, sizes.idlePairs))
     attempt("coldStart", lambda: measure.coldStart(bench, peer, sizes.coldRuns))
     if peer.name == MINIPROXY_ACCEPT.name:
+        attempt("pythonMemory", lambda: measure.pythonMemory(bench, sizes.idlePairs))
         attempt("newListener", lambda: measure.newListener(bench, sizes.listenerRuns))
         attempt("hookComparison", lambda: measure.hookComparison(
             bench, MINIPROXY_ACCEPT, MINIPROXY_NOOP, sizes.hookRounds, sizes.shortClients,

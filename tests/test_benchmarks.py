@@ -169,6 +169,8 @@ class SmokeTests(unittest.TestCase):
             self.assertEqual(len(mine["newListener"][mode]["firstByteRunsMs"]),
                              TINY.listenerRuns)
         self.assertEqual(mine["hookMicro"]["flows"], TINY.hookFlows)
+        self.assertEqual(mine["pythonMemory"]["flowsHeld"], TINY.idlePairs)
+        self.assertGreater(mine["pythonMemory"]["tracedPerPair"], 0)
         comparison = mine["hookComparison"]
         self.assertEqual(len(comparison["shortFlowsNoop"]), TINY.hookRounds)
         self.assertGreater(comparison["noopCounts"]["chunks"], 0)
