@@ -37,6 +37,7 @@ _LIMIT_KEYS: dict[str, tuple[str, type]] = {
     "max-pending-syns": ("maxPendingSyns", int),
     "max-pending-syns-per-source": ("maxPendingSynsPerSource", int),
     "syn-timeout": ("synTimeout", float),
+    "splice": ("splice", bool),
 }
 
 _TOP_KEYS = {"listen", "to", "mode", "functions", "limits", "listeners", "function"}
@@ -108,8 +109,23 @@ def parseLimits(table: object, key: str = "limits", base: Limits | None = None) 
             known = ", ".join(sorted(_LIMIT_KEYS))
             raise ConfigError(f"{key}.{name}: unknown limit (known: {known})")
         attr, kind = _LIMIT_KEYS[name]
-        changes[attr] = parseNumber(value, f"{key}.{name}", kind)
+        if kind is bool:
+            changes[attr] = parseSwitch(value, f"{key}.{name}")
+        else:
+            changes[attr] = parseNumber(value, f"{key}.{name}", kind)
     return evolve(base or Limits(), **changes)
+
+
+def parseSwitch(value: object, key: str) -> bool:
+    """
+    Parse an on/off setting: a boolean, or the string C{"true"} or
+    C{"false"} (as the command line gives it).
+    """
+    if isinstance(value, bool):
+        return value
+    if value in ("true", "false"):
+        return value == "true"
+    raise ConfigError(f"{key}: must be true or false, not {value!r}")
 
 
 def parseNumber(value: object, key: str, kind: type) -> Any:

@@ -130,6 +130,7 @@ _RESET_OUTCOMES = frozenset(
 # Why a leg's reading is paused: a bit each.
 PAUSED_BY_PEER = 1  # the other leg's transport buffer is full
 PAUSED_EARLY = 2  # the bytes held before the outgoing leg connects are full
+PAUSED_SPLICE = 4  # the splice path's pipe holds bytes the other leg has not taken
 
 
 def describeFailure(reason: Failure) -> str:
@@ -208,6 +209,7 @@ class Flow:
         "_finished",
         "_carrier",
         "_awaitingCarrier",
+        "_splice",
     )
 
     def __init__(
@@ -246,6 +248,8 @@ class Flow:
         self._idleCall: Any = None
         self._lastActivity = 0.0
         self._finished = False
+        # The splice path (miniproxy.splice.SpliceRelay), once tried.
+        self._splice: Any = None
         if context.staticNextHop is not None:
             self.nextHop: NextHop | None = context.staticNextHop
             self.destination: HostPort | None = context.staticNextHop.address
@@ -343,6 +347,7 @@ class Flow:
                 self._acceptedGoesOn(self._accepted)
             if self.outcome is not None:
                 return b""
+        self._maybeSplice()
         return rest or b""
 
     def acceptedLegMade(self, leg: Leg) -> None:
@@ -385,6 +390,7 @@ class Flow:
             self._shutdownWrite(leg)
         if self.mode is ConnectMode.ACCEPT:
             self._startOutgoing(Moment.ACCEPT)
+        self._maybeSplice()
 
     def outgoingLegMade(self, leg: Leg) -> None:
         """
@@ -414,6 +420,7 @@ class Flow:
             accepted.resumeReading(PAUSED_EARLY)
         if self._finToServer:
             self._shutdownWrite(leg)
+        self._maybeSplice()
 
     def _startOutgoing(self, moment: Moment) -> None:
         if (
@@ -564,6 +571,8 @@ class Flow:
                 )
                 self._resetAll()
                 return
+            if self._splice is not None:
+                self._splice.beforeWrite(True)
             outgoing.transport.write(data)
             return
         self._toServer.append(data)
@@ -584,6 +593,8 @@ class Flow:
             return
         accepted = self._accepted
         if accepted is not None:
+            if self._splice is not None:
+                self._splice.beforeWrite(False)
             accepted.transport.write(data)
             return
         # Not accepted yet (the outgoing leg connected at the SYN): hold the
@@ -595,6 +606,69 @@ class Flow:
             and self._outgoing is not None
         ):
             self._outgoing.pauseReading(PAUSED_EARLY)
+
+    def noteSpliced(self, fromClient: bool, size: int) -> None:
+        """
+        The splice path read C{size} bytes from a leg (see
+        L{miniproxy.splice}): count them as L{dataFromClientLeg} and
+        L{dataFromServerLeg} count what they are given.
+
+        @param fromClient: Whether they came from the client.
+        """
+        now = self._context.reactor.seconds()
+        if fromClient:
+            if not self.bytesFromClient:
+                self.times.firstByteFromClient = now
+            self.bytesFromClient += size
+        else:
+            if not self.bytesFromServer:
+                self.times.firstByteFromServer = now
+            self.bytesFromServer += size
+        self._lastActivity = now
+
+    def wantsDataChanged(self) -> None:
+        """
+        See L{IFlow.wantsDataChanged}.
+        """
+        chain = self._chain
+        chain.wantsData = any(
+            getattr(handler, "wantsData", True) for _, handler in chain.handlers
+        )
+        if chain.wantsData:
+            if self._splice is not None:
+                self._splice.suspend()
+        else:
+            self._maybeSplice()
+
+    def _maybeSplice(self) -> None:
+        """
+        Switch to the splice path (L{miniproxy.splice}) if this flow can:
+        it is on, no handler wants data, both legs are connected plain TCP
+        sockets, and no byte is held for either.
+        """
+        if (
+            self.outcome is not None
+            or self._chain.wantsData
+            or not self._context.limits.splice
+            or self._carrier is not None
+            or self._awaitingCarrier
+            or self._toServer
+            or self._toClient
+        ):
+            return
+        accepted, outgoing = self._accepted, self._outgoing
+        if accepted is None or outgoing is None:
+            return
+        relay = self._splice
+        if relay is None:
+            from miniproxy.splice import SpliceRelay
+
+            if not SpliceRelay.possible(accepted, outgoing):
+                return
+            relay = self._splice = SpliceRelay(
+                self, accepted, outgoing, self._context.limits.maxBuffer
+            )
+        relay.start()
 
     # -- half-close -----------------------------------------------------
 
@@ -811,6 +885,8 @@ class Flow:
             # Not accepted yet (SYN seen): the flow lives on.
             return
         self._finished = True
+        if self._splice is not None:
+            self._splice.close()
         carrier, self._carrier = self._carrier, None
         if carrier is not None:
             carrier.stop()

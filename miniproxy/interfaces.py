@@ -154,6 +154,22 @@ class IFlow(Interface):
         @param reason: Why, for the access log.
         """
 
+    def wantsDataChanged() -> None:
+        """
+        A handler's C{wantsData} changed: read every handler's again.
+
+        This is how a function starts (or stops) looking at the bytes in
+        the middle of a flow.  Set the handler's C{wantsData} (an instance
+        attribute) and call this: from the next byte the proxy reads on,
+        the data hooks of the handlers that want data see every byte, in
+        order.  A flow whose handlers want no data may relay its bytes
+        without them entering the proxy's memory (C{splice(2)}, see
+        L{miniproxy.splice}); bytes already taken off one leg that way are
+        written on to the other first, without the hooks, exactly once.
+        Once no handler wants data any more, the flow may go back to that
+        path.
+        """
+
 
 class IFlowHandler(Interface):
     """
@@ -169,7 +185,10 @@ class IFlowHandler(Interface):
     wantsData = Attribute(
         "L{bool}: whether L{dataFromClient} and L{dataFromServer} are to be "
         "called.  When no handler of a flow wants data, the relay passes "
-        "bytes without calling any hook."
+        "bytes without calling any hook (and, between two plain TCP legs, "
+        "without copying them into userspace).  It is read when the flow "
+        "begins; a handler that changes it later calls "
+        "L{IFlow.wantsDataChanged}."
     )
 
     def earlySyn(flow: IFlow) -> object:

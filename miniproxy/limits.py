@@ -32,6 +32,9 @@ class Limits:
     @ivar maxPendingSynsPerSource: The same, per client address.
     @ivar synTimeout: Seconds a flow begun at its SYN waits for the
         client's handshake to complete before it is aborted.
+    @ivar splice: Whether a flow whose functions never look at its bytes
+        relays them socket to socket with C{splice(2)} (see
+        L{miniproxy.splice}); each pipe then holds at most C{maxBuffer}.
     """
 
     maxBuffer: int = DEFAULT_MAX_BUFFER
@@ -43,6 +46,7 @@ class Limits:
     maxPendingSyns: int = 1024
     maxPendingSynsPerSource: int = 64
     synTimeout: float = 5.0
+    splice: bool = True
 
     @property
     def readSize(self) -> int:

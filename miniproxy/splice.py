@@ -1,0 +1,494 @@
+# -*- test-case-name: tests.test_splice -*-
+"""
+The zero-copy relay: bytes go from one leg's socket to the other's through a
+pipe with C{splice(2)}, never entering userspace.
+
+A flow relays this way while no function of it looks at the bytes (no
+handler wants data, see L{miniproxy.interfaces.IFlowHandler.wantsData})
+and both legs are plain TCP sockets (not TLS, not the in-memory transports
+of L{miniproxy.testing}).  Each direction has its own pipe, made when its
+first byte is read and closed when the direction ends (or the flow does).
+
+The relay plugs into Twisted's reactor the way Twisted's own
+C{abortConnection} does: it replaces methods on the transport instance.
+The source transport's C{doRead} splices from the socket into the pipe,
+then from the pipe into the sink's socket.  When the sink's socket cannot
+take everything, the source stops being read (the pause bit
+L{miniproxy.flow.PAUSED_SPLICE}) and the sink's transport waits to be
+writable (C{startWriting}); its C{doWrite} drains the pipe first, then runs
+Twisted's own C{doWrite} for what the transport itself holds and for its
+half-close and close.  The epoll reactor keys descriptors by their number,
+so the relay registers no object of its own: it only uses the two
+transports.
+
+The semantics of the userspace relay hold:
+
+ - bytes arrive exactly and in order: bytes enter the pipe only while the
+   sink's transport holds nothing, and the flow writes to a sink only once
+   its pipe is empty (L{SpliceRelay.beforeWrite} moves what the pipe holds
+   into the transport first);
+ - backpressure: a pipe holds at most the flow's buffer bound
+   (C{max-buffer}); while it holds anything, the source is not read;
+ - half-close: the source's end of file is read only once its pipe is
+   empty, so the FIN it becomes follows every byte;
+ - resets, idle timeouts, byte counts, first-byte times and the access log
+   are the userspace relay's (see L{miniproxy.flow.Flow.noteSpliced}).
+
+A flow leaves the splice path (L{SpliceRelay.suspend}) when a function
+asks for the bytes (L{miniproxy.interfaces.IFlow.wantsDataChanged}): what
+the pipes hold is written on first, then the userspace relay goes on.  If
+the kernel refuses C{splice} on these sockets (C{EINVAL}, C{ENOSYS}), the
+process relays in userspace from then on, with one log line.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import socket
+from typing import TYPE_CHECKING, Any, Callable
+
+from twisted.internet import main, tcp
+from twisted.logger import Logger
+
+from miniproxy.flow import PAUSED_SPLICE
+
+if TYPE_CHECKING:
+    from miniproxy.flow import Flow
+    from miniproxy.legs import Leg
+
+_log = Logger(namespace="miniproxy.splice")
+
+#: The flags of every C{splice} call: move pages rather than copy them
+#: where the kernel can, and never block on the pipe (the sockets are
+#: non-blocking themselves).
+SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
+
+#: The errors that say the kernel cannot splice these descriptors at all.
+UNSUPPORTED = frozenset({errno.EINVAL, errno.ENOSYS})
+
+#: The most times one read event splices a full chunk in and out before
+#: letting the reactor serve other descriptors.
+ROUNDS = 4
+
+# The system call, looked up at each call so that tests can replace it.
+splice: Callable[..., int] | None = getattr(os, "splice", None)
+
+
+class SpliceStats:
+    """
+    What the splice path did in this process.
+
+    @ivar available: Whether the splice path may be used: C{os.splice}
+        exists and the kernel has not refused it.
+    @ivar relays: The flows that switched to the splice path.
+    @ivar spliced: The bytes written to a socket from a pipe.
+    @ivar suspended: The times a flow left the splice path for a function
+        that asked for the bytes.
+    @ivar unsupported: The error that turned the splice path off, or
+        L{None}.
+    """
+
+    def __init__(self) -> None:
+        self.available = splice is not None
+        self.relays = 0
+        self.spliced = 0
+        self.suspended = 0
+        self.unsupported: str | None = None
+
+
+#: The process's splice statistics and switch.
+stats = SpliceStats()
+
+
+def turnOff(why: str) -> None:
+    """
+    The kernel cannot splice these sockets: relay in userspace from now on,
+    in every flow of the process, and say so once.
+    """
+    if not stats.available:
+        return
+    stats.available = False
+    stats.unsupported = why
+    _log.warn(
+        "splice(2) is not supported here ({why}): relaying in userspace",
+        why=why,
+    )
+
+
+def spliceable(transport: object) -> bool:
+    """
+    Whether a leg's transport is a connected, plain TCP socket whose
+    methods nobody replaced: what the splice path can relay.
+    """
+    if not isinstance(transport, tcp.Connection) or getattr(transport, "TLS", False):
+        return False
+    if not transport.connected or transport.disconnecting or transport.disconnected:
+        return False
+    if transport._aborting or "doRead" in vars(transport) or "doWrite" in vars(transport):
+        # Being aborted, still connecting, or someone else's.
+        return False
+    sock = getattr(transport, "socket", None)
+    return (
+        sock is not None
+        and sock.family in (socket.AF_INET, socket.AF_INET6)
+        and sock.type == socket.SOCK_STREAM
+    )
+
+
+def buffered(transport: Any) -> int:
+    """
+    The bytes a Twisted transport holds in userspace, not yet written to
+    its socket.
+    """
+    return len(transport.dataBuffer) - transport.offset + transport._tempDataLen
+
+
+class _Direction:
+    """
+    One direction of a spliced flow: from the C{source} leg's socket through
+    a pipe to the C{sink} leg's socket.
+
+    @ivar held: Bytes in the pipe now.
+    @ivar spliced: Bytes written from the pipe to the sink so far.
+    @ivar flushed: Bytes read out of the pipe into the sink's transport
+        (see L{flush}) so far.
+    @ivar attached: Whether the transports' methods are replaced.
+    @ivar ended: Whether the source's end of file was read.
+    """
+
+    __slots__ = (
+        "relay",
+        "source",
+        "sink",
+        "fromClient",
+        "bound",
+        "held",
+        "spliced",
+        "flushed",
+        "attached",
+        "ended",
+        "sinkError",
+        "_pipe",
+        "_sourceFd",
+        "_sinkFd",
+        "_read",
+        "_write",
+        "_doRead",
+        "_doWrite",
+    )
+
+    def __init__(
+        self, relay: SpliceRelay, source: Leg, sink: Leg, fromClient: bool, bound: int
+    ) -> None:
+        self.relay = relay
+        self.source = source
+        self.sink = sink
+        self.fromClient = fromClient
+        self.bound = bound
+        self.held = 0
+        self.spliced = 0
+        self.flushed = 0
+        self.attached = False
+        self.ended = False
+        self.sinkError: Any = None
+        self._pipe: tuple[int, int] | None = None
+        self._sourceFd = -1
+        self._sinkFd = -1
+        self._read: Any = None
+        self._write: Any = None
+        # Bound once, so that detach recognises them.
+        self._doRead = self.doRead
+        self._doWrite = self.doWrite
+
+    def __repr__(self) -> str:
+        way = "client->server" if self.fromClient else "server->client"
+        return f"<splice {way} held={self.held} spliced={self.spliced}>"
+
+    def usable(self) -> bool:
+        """
+        Whether this direction can be spliced now: its source may still
+        send and its sink may still be written to.
+        """
+        sink: Any = self.sink.transport
+        return (
+            not self.ended
+            and not self.source.readClosed
+            and not self.sink.writeClosed
+            and not sink._writeDisconnecting
+        )
+
+    def attach(self) -> None:
+        """
+        Replace the source transport's C{doRead} and the sink transport's
+        C{doWrite} with this direction's.
+        """
+        source: Any = self.source.transport
+        sink: Any = self.sink.transport
+        self._sourceFd = source.fileno()
+        self._sinkFd = sink.fileno()
+        self._read = source.doRead
+        self._write = sink.doWrite
+        source.doRead = self._doRead
+        sink.doWrite = self._doWrite
+        self.attached = True
+
+    def detach(self) -> None:
+        """
+        Put the transports' own methods back (unless someone replaced ours
+        since, as C{abortConnection} does).
+        """
+        if not self.attached:
+            return
+        self.attached = False
+        source: Any = self.source.transport
+        sink: Any = self.sink.transport
+        if source is not None and vars(source).get("doRead") == self._doRead:
+            del source.doRead
+        if sink is not None and vars(sink).get("doWrite") == self._doWrite:
+            del sink.doWrite
+
+    def closePipe(self) -> None:
+        """
+        Close the pipe, discarding what it holds.
+        """
+        pipe, self._pipe = self._pipe, None
+        self.held = 0
+        if pipe is not None:
+            os.close(pipe[0])
+            os.close(pipe[1])
+
+    def _openPipe(self) -> tuple[int, int]:
+        readEnd, writeEnd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            # The kernel rounds the size up to a power of two pages; what
+            # the pipe holds is bounded by the splice lengths anyway.
+            fcntl.fcntl(writeEnd, fcntl.F_SETPIPE_SZ, self.bound)
+        except OSError:
+            pass
+        self._pipe = (readEnd, writeEnd)
+        return self._pipe
+
+    # -- the reactor's calls ---------------------------------------------
+
+    def doRead(self) -> Any:
+        """
+        The source is readable: splice what it has into the pipe and on
+        into the sink, as much as the sink takes.
+        """
+        if self.held:
+            # Read again while the pipe still holds bytes (another reason
+            # to pause went away): the sink's writability resumes reading.
+            self._waitForSink()
+            return None
+        sink: Any = self.sink.transport
+        if (
+            sink._tempDataLen
+            or len(sink.dataBuffer) > sink.offset
+            or sink._writeDisconnecting
+            or not sink.connected
+        ):
+            # What the sink's transport holds goes first (and a sink
+            # being closed is the userspace relay's business).
+            return self._read()
+        pipe = self._pipe
+        if pipe is None:
+            try:
+                pipe = self._openPipe()
+            except OSError as e:
+                # Out of descriptors: relay this flow in userspace.
+                _log.info("no pipe for a spliced flow ({error}): userspace", error=e)
+                self.relay.suspend()
+                return self._read()
+        writeEnd = pipe[1]
+        sourceFd = self._sourceFd
+        bound = self.bound
+        for _ in range(ROUNDS):
+            try:
+                size = splice(sourceFd, writeEnd, bound, flags=SPLICE_FLAGS)  # type: ignore[misc]
+            except BlockingIOError:
+                return None
+            except OSError as e:
+                if e.errno in UNSUPPORTED:
+                    turnOff(os.strerror(e.errno))
+                    self.relay.suspend()
+                    return self._read()
+                return main.CONNECTION_LOST
+            if not size:
+                # End of file, with the pipe empty: the FIN follows every
+                # byte.  Twisted reports it to the leg (a half-close).
+                self.ended = True
+                self.closePipe()
+                return main.CONNECTION_DONE
+            self.held = size
+            self.relay.flow.noteSpliced(self.fromClient, size)
+            self._drain()
+            if self.held:
+                self._waitForSink()
+                return None
+            if size < bound or not self.attached:
+                return None
+        return None
+
+    def doWrite(self) -> Any:
+        """
+        The sink is writable: drain the pipe into it, then let the
+        transport write what it holds itself (and half-close or close).
+        """
+        if self.sinkError is not None:
+            return self.sinkError
+        if self.held:
+            self._drain()
+            if self.sinkError is not None:
+                return self.sinkError
+            if self.held:
+                return None
+            self.source.resumeReading(PAUSED_SPLICE)
+        return self._write()
+
+    # -- moving bytes ----------------------------------------------------
+
+    def _drain(self) -> None:
+        readEnd = self._pipe[0]  # type: ignore[index]
+        sinkFd = self._sinkFd
+        while self.held:
+            try:
+                size = splice(readEnd, sinkFd, self.held, flags=SPLICE_FLAGS)  # type: ignore[misc]
+            except BlockingIOError:
+                return
+            except OSError as e:
+                if e.errno in UNSUPPORTED:
+                    turnOff(os.strerror(e.errno))
+                    # Read out of the pipe and written by the transport.
+                    self.relay.suspend()
+                    return
+                # The sink's connection is broken: its transport reports
+                # it from doWrite, as it would a failed send.
+                self.sinkError = main.CONNECTION_LOST
+                return
+            if not size:
+                raise RuntimeError(f"{self!r}: the pipe is short of its bytes")
+            self.held -= size
+            self.spliced += size
+            stats.spliced += size
+
+    def _waitForSink(self) -> None:
+        self.source.pauseReading(PAUSED_SPLICE)
+        self.sink.transport.startWriting()  # type: ignore[union-attr]
+
+    def flush(self) -> None:
+        """
+        Move what the pipe holds into the sink's transport, so that bytes
+        written to the sink from now on follow it; the source is read
+        again.
+        """
+        if not self.held:
+            return
+        readEnd = self._pipe[0]  # type: ignore[index]
+        chunks = []
+        while self.held:
+            data = os.read(readEnd, self.held)
+            if not data:
+                raise RuntimeError(f"{self!r}: the pipe is short of its bytes")
+            chunks.append(data)
+            self.held -= len(data)
+            self.flushed += len(data)
+        if not self.sink.disconnected:
+            self.sink.transport.write(b"".join(chunks))  # type: ignore[union-attr]
+        self.source.resumeReading(PAUSED_SPLICE)
+
+
+class SpliceRelay:
+    """
+    The splice path of one flow: both directions.
+
+    @ivar flow: The flow.
+    @ivar toServer: The direction from the client to the server.
+    @ivar toClient: The direction from the server to the client.
+    @ivar active: Whether the flow relays on the splice path now.
+    """
+
+    def __init__(self, flow: Flow, accepted: Leg, outgoing: Leg, bound: int) -> None:
+        """
+        @param bound: The most bytes a pipe holds: the flow's buffer bound
+            per direction.
+        """
+        self.flow = flow
+        self.active = False
+        self.toServer = _Direction(self, accepted, outgoing, True, bound)
+        self.toClient = _Direction(self, outgoing, accepted, False, bound)
+
+    def __repr__(self) -> str:
+        return f"<SpliceRelay active={self.active} {self.toServer!r} {self.toClient!r}>"
+
+    @property
+    def spliced(self) -> int:
+        """
+        The bytes relayed both ways on the splice path so far.
+        """
+        return self.toServer.spliced + self.toClient.spliced
+
+    @staticmethod
+    def possible(accepted: Leg, outgoing: Leg) -> bool:
+        """
+        Whether a flow with these legs can switch to the splice path now.
+        """
+        return (
+            stats.available
+            and not accepted.disconnected
+            and not outgoing.disconnected
+            and spliceable(accepted.transport)
+            and spliceable(outgoing.transport)
+        )
+
+    def start(self) -> bool:
+        """
+        Switch to the splice path, each direction that is still open.
+
+        @return: Whether any direction switched.
+        """
+        if self.active:
+            return True
+        if not self.possible(self.toServer.source, self.toClient.source):
+            return False
+        for direction in (self.toServer, self.toClient):
+            if direction.usable():
+                direction.attach()
+        self.active = self.toServer.attached or self.toClient.attached
+        if self.active:
+            stats.relays += 1
+        return self.active
+
+    def beforeWrite(self, toServer: bool) -> None:
+        """
+        The flow is about to write to a leg itself: what that direction's
+        pipe holds goes into the leg's transport first.
+        """
+        direction = self.toServer if toServer else self.toClient
+        if direction.held:
+            direction.flush()
+
+    def suspend(self) -> None:
+        """
+        Leave the splice path: the transports' own methods are back, what
+        the pipes hold is written on, and the userspace relay goes on from
+        there.
+        """
+        if not self.active:
+            return
+        self.active = False
+        stats.suspended += 1
+        for direction in (self.toServer, self.toClient):
+            direction.detach()
+            direction.flush()
+            direction.closePipe()
+
+    def close(self) -> None:
+        """
+        The flow is over: put the methods back and close the pipes.
+        """
+        self.active = False
+        for direction in (self.toServer, self.toClient):
+            direction.detach()
+            direction.closePipe()

@@ -1,0 +1,1214 @@
+"""
+Tests for L{miniproxy.splice}: the zero-copy relay, on real loopback
+sockets and kernel TCP.
+
+Every test runs a L{miniproxy.service.ProxyService} in this process (see
+L{tests.support}) and checks that its flows really took the splice path
+(the bytes each direction spliced), and that they kept the userspace
+relay's semantics: exact bytes, half-close, the buffer bound, resets, the
+idle timeout, no leaked descriptor, and the fallback to userspace when a
+function asks for the bytes or the kernel cannot splice.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import selectors
+import socket
+import stat
+import struct
+import termios
+from typing import Any
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from twisted.internet import defer, threads
+from twisted.internet.error import ConnectionLost
+from twisted.trial import unittest
+
+from miniproxy import splice as spliceModule
+from miniproxy.config import buildConfig
+from miniproxy.errors import ConfigError
+from miniproxy.flow import PAUSED_SPLICE, Outcome
+from miniproxy.functions.base import FlowHandler, HandlerFactory
+from miniproxy.splice import SpliceRelay, buffered, spliceable, stats
+from miniproxy.verdict import CONTINUE, Chunk, Verdict
+from tests.support import (
+    TEST_TIMEOUT,
+    CertificateAuthority,
+    LogCapture,
+    Network,
+    Peer,
+    PeerFactory,
+    ResettingFactory,
+    listenTLS,
+    openFiles,
+    resetTransport,
+    sha256,
+    waitUntil,
+    withTimeout,
+)
+
+MiB = 1024 * 1024
+
+
+def pattern(size: int, seed: int = 0) -> bytes:
+    """
+    C{size} bytes whose every byte depends on its position (modulo a prime),
+    so that a lost, repeated or reordered piece shows.
+    """
+    block = bytes((seed + 7 * i) % 251 for i in range(251 * 64))
+    return (block * (size // len(block) + 1))[:size]
+
+
+def splicingFlow(proxy: Any) -> defer.Deferred:
+    """
+    @return: A L{defer.Deferred} firing with the proxy's first open flow
+        once it relays on the splice path.
+    """
+    found: list[Any] = []
+
+    def check() -> bool:
+        for flow in proxy.openFlows():
+            if flow._splice is not None and flow._splice.active:
+                found.append(flow)
+                return True
+        return False
+
+    return waitUntil(check, "a flow on the splice path").addCallback(lambda _: found[0])
+
+
+def fionread(fd: int) -> int:
+    """
+    What a pipe (either end) holds, as the kernel says (C{FIONREAD}).
+    """
+    return struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0]
+
+
+def pipeHolds(direction: Any) -> int:
+    """
+    What a direction's pipe holds.
+    """
+    return fionread(direction._pipe[0])
+
+
+def isReading(transport: Any) -> bool:
+    """
+    Whether the reactor reads C{transport}.
+    """
+    return transport in transport.reactor.getReaders()
+
+
+class Watcher(FlowHandler):
+    """
+    A handler that records the bytes its data hooks see, and wants them
+    only once told to (L{watch}).
+    """
+
+    def __init__(self, flow: Any) -> None:
+        self.flow = flow
+        self.wantsData = False
+        self.fromClient: list[bytes] = []
+        self.fromServer: list[bytes] = []
+
+    def watch(self, wanted: bool = True) -> None:
+        """
+        Start (or stop) looking at the bytes.
+        """
+        self.wantsData = wanted
+        self.flow.wantsDataChanged()
+
+    def dataFromClient(self, flow: Any, chunk: Chunk) -> Verdict:
+        self.fromClient.append(chunk.data)
+        return CONTINUE
+
+    def dataFromServer(self, flow: Any, chunk: Chunk) -> Verdict:
+        self.fromServer.append(chunk.data)
+        return CONTINUE
+
+
+class Watching:
+    """
+    A configured function that gives each flow a L{Watcher}.
+
+    @ivar watchers: The watchers made, in order.
+    """
+
+    def __init__(self, wantsData: bool = False) -> None:
+        """
+        @param wantsData: Whether the watchers want the bytes from the
+            start.
+        """
+        self.watchers: list[Watcher] = []
+        self.wantsData = wantsData
+        self.factory = HandlerFactory("watch", self._make)
+
+    def _make(self, flow: Any) -> Watcher:
+        watcher = Watcher(flow)
+        watcher.wantsData = self.wantsData
+        self.watchers.append(watcher)
+        return watcher
+
+    def watcherOf(self, flow: Any) -> Watcher:
+        """
+        The watcher of C{flow}.
+        """
+        [watcher] = [w for w in self.watchers if w.flow is flow]
+        return watcher
+
+
+class SpliceTestCase(unittest.TestCase):
+    """
+    Real-socket tests: a network, a server and a proxy in front of it.
+    """
+
+    timeout = TEST_TIMEOUT
+    maxBuffer = 64 * 1024
+
+    @defer.inlineCallbacks
+    def startProxy(self, net: Network, serverPort: int, **limits: Any) -> Any:
+        functions = None
+        if "watching" in limits:
+            functions = (("watch", limits.pop("watching").factory),)
+        allLimits = {"max-buffer": self.maxBuffer}
+        allLimits.update(limits)
+        proxy = yield net.startProxy(
+            f"tcp:host=127.0.0.1:port={serverPort}",
+            limits=allLimits,
+            functions=functions,
+        )
+        return proxy
+
+    @defer.inlineCallbacks
+    def connected(self, net: Network, proxy: Any, servers: PeerFactory,
+                  client: Peer | None = None) -> Any:
+        """
+        Connect a client through the proxy and wait until its flow splices.
+
+        @return: The client, the server and the flow.
+        """
+        client = yield net.connect(proxy.port, client)
+        server = yield servers.nextPeer()
+        flow = yield splicingFlow(proxy)
+        return client, server, flow
+
+
+class RelayTests(SpliceTestCase):
+    """
+    Bytes cross the splice path exactly.
+    """
+
+    @defer.inlineCallbacks
+    def test_bothDirectionsAtOnce(self) -> Any:
+        """
+        Several MB each way, written at the same time, arrive byte for
+        byte and every one of them was spliced; each FIN follows its
+        bytes, the flow ends C{ok} with the byte counts and the first-byte
+        times, and its pipes are closed.
+        """
+        net = Network(self)
+        serverPort, servers = net.server(keep=False)
+        proxy = yield self.startProxy(net, serverPort)
+        relaysBefore = stats.relays
+        client, server, flow = yield self.connected(
+            net, proxy, servers, Peer(keep=False)
+        )
+        up = os.urandom(6 * MiB + 123)
+        down = os.urandom(5 * MiB + 77)
+        client.transport.write(up)
+        client.transport.loseWriteConnection()
+        server.transport.write(down)
+        server.transport.loseWriteConnection()
+        yield withTimeout(
+            defer.gatherResults([client.lost, server.lost]), 30, "both ends to close"
+        )
+        closed = yield proxy.nextClosed()
+
+        self.assertIs(closed, flow)
+        self.assertEqual((server.size, server.digest.hexdigest()), (len(up), sha256(up)))
+        self.assertEqual((client.size, client.digest.hexdigest()),
+                         (len(down), sha256(down)))
+        self.assertTrue(client.eofBeforeLost and server.eofBeforeLost)
+        self.assertFalse(client.wasReset() or server.wasReset())
+        self.assertEqual(flow.outcome, Outcome.OK)
+        self.assertEqual((flow.bytesFromClient, flow.bytesFromServer), (len(up), len(down)))
+        relay = flow._splice
+        self.assertEqual((relay.toServer.spliced, relay.toClient.spliced),
+                         (len(up), len(down)))
+        self.assertEqual(relay.spliced, len(up) + len(down))
+        self.assertEqual(stats.relays, relaysBefore + 1)
+        self.assertIsNone(relay.toServer._pipe)
+        self.assertIsNone(relay.toClient._pipe)
+        self.assertFalse(relay.active)
+        self.assertLessEqual(flow.times.accepted, flow.times.firstByteFromClient)
+        self.assertLessEqual(flow.times.firstByteFromClient, flow.times.clientHalfClosed)
+        self.assertLessEqual(flow.times.firstByteFromServer, flow.times.serverHalfClosed)
+
+    @defer.inlineCallbacks
+    def test_accessLog(self) -> Any:
+        """
+        A spliced flow's access-log line has the byte counts of the
+        userspace relay.
+        """
+        logs = LogCapture(self)
+        net = Network(self)
+        serverPort, servers = net.server(echo=True)
+        proxy = yield self.startProxy(net, serverPort)
+        client, server, flow = yield self.connected(net, proxy, servers)
+        data = pattern(300 * 1024)
+        client.transport.write(data)
+        client.transport.loseWriteConnection()
+        yield withTimeout(client.lost, 10, "the echo to end")
+        yield proxy.nextClosed()
+        self.assertEqual(client.received, data)
+        [line] = logs.matching("miniproxy.access")
+        self.assertEqual((line["bytesFromClient"], line["bytesFromServer"]),
+                         (len(data), len(data)))
+        self.assertEqual(line["outcome"], "ok")
+        self.assertEqual(flow._splice.spliced, 2 * len(data))
+
+    @defer.inlineCallbacks
+    def test_off(self) -> Any:
+        """
+        With C{splice = false} the flow relays in userspace: it has no
+        splice relay and its transports keep their own methods.
+        """
+        net = Network(self)
+        serverPort, servers = net.server(echo=True)
+        proxy = yield self.startProxy(net, serverPort, splice=False)
+        client = yield net.connect(proxy.port)
+        server = yield servers.nextPeer()
+        data = pattern(200 * 1024)
+        client.transport.write(data)
+        yield withTimeout(client.waitForBytes(len(data)), 10, "the echo")
+        [flow] = proxy.openFlows()
+        self.assertIsNone(flow._splice)
+        self.assertNotIn("doRead", vars(flow._accepted.transport))
+        self.assertEqual(client.received, data)
+        self.assertEqual(server.received, data)
+
+    @defer.inlineCallbacks
+    def test_dataFunctionNotSpliced(self) -> Any:
+        """
+        A flow with a handler that wants data from the start relays in
+        userspace, through the hook.
+        """
+        net = Network(self)
+        serverPort, servers = net.server()
+        watching = Watching(wantsData=True)
+        proxy = yield self.startProxy(net, serverPort, watching=watching)
+        client = yield net.connect(proxy.port)
+        server = yield servers.nextPeer()
+        client.transport.write(b"hello")
+        yield withTimeout(server.waitForBytes(5), 10, "the bytes")
+        [flow] = proxy.openFlows()
+        self.assertIsNone(flow._splice)
+        self.assertEqual(b"".join(watching.watcherOf(flow).fromClient), b"hello")
+
+    @defer.inlineCallbacks
+    def test_tlsNotSpliced(self) -> Any:
+        """
+        A flow whose outgoing leg is TLS is not spliced (its bytes must be
+        encrypted), and still relays.
+        """
+        ca = CertificateAuthority()
+        caFile = ca.writeCertificate(self.mktemp())
+        net = Network(self)
+        servers = PeerFactory(net)
+        serverPort = listenTLS(net, servers, ca.issue("localhost"))
+        proxy = yield net.startProxy(
+            f"tls:host=localhost:port={serverPort}:trustRoots={caFile}"
+        )
+        client = yield net.connect(proxy.port)
+        client.transport.write(b"over TLS")
+        server = yield servers.nextPeer()
+        yield withTimeout(server.waitForBytes(8), 10, "the bytes")
+        [flow] = proxy.openFlows()
+        self.assertIsNone(flow._splice)
+        self.assertFalse(spliceable(flow._outgoing.transport))
+        self.assertTrue(spliceable(flow._accepted.transport))
+
+
+class EarlyBytesTests(SpliceTestCase):
+    """
+    Bytes that arrive before the flow can splice (held until the outgoing
+    leg connects, or until the client is accepted) go first, and the rest
+    follows on the splice path.
+    """
+
+    synTap = True
+
+    @defer.inlineCallbacks
+    def test_earlyBytes(self) -> Any:
+        """
+        The client writes 4 MB as soon as it is connected, the server 4 MB
+        as soon as it is: each arrives exactly, and most of it was
+        spliced.
+        """
+        net = Network(self)
+        serverPort, servers = net.server(keep=False)
+        proxy = yield self.startProxy(net, serverPort)
+        up, down = os.urandom(4 * MiB), os.urandom(4 * MiB)
+        servers.onConnect = lambda server: server.transport.write(down)
+        client = yield net.connect(proxy.port, Peer(keep=False))
+        client.transport.write(up)
+        server = yield servers.nextPeer()
+        yield withTimeout(server.waitForBytes(len(up)), 20, "the client's bytes")
+        yield withTimeout(client.waitForBytes(len(down)), 20, "the server's bytes")
+        [flow] = proxy.openFlows()
+        self.assertEqual((server.size, server.digest.hexdigest()), (len(up), sha256(up)))
+        self.assertEqual((client.size, client.digest.hexdigest()),
+                         (len(down), sha256(down)))
+        self.assertGreater(flow._splice.toServer.spliced, len(up) // 2)
+        self.assertGreater(flow._splice.toClient.spliced, len(down) // 2)
+
+
+class EarlyBytesAtAcceptTests(EarlyBytesTests):
+    """
+    L{EarlyBytesTests} with no SYN tap.
+    """
+
+    synTap = False
+
+
+class HalfCloseTests(SpliceTestCase):
+    """
+    A FIN crosses the splice path after every byte before it, on its own:
+    the other direction keeps flowing.
+    """
+
+    request = pattern(100 * 1024, 1)
+    response = pattern(2 * MiB + 5, 2)
+
+    @defer.inlineCallbacks
+    def test_clientFirst(self) -> Any:
+        """
+        The client sends a request and a FIN; once the server sees it, it
+        answers through the still open direction and closes.
+        """
+        net = Network(self)
+        serverPort, servers = net.server()
+        proxy = yield self.startProxy(net, serverPort)
+        client, server, flow = yield self.connected(net, proxy, servers)
+        client.transport.write(self.request)
+        client.transport.loseWriteConnection()
+        yield withTimeout(server.eof, 10, "the server's EOF")
+        self.assertEqual(server.received, self.request)
+        server.transport.write(self.response)
+        server.transport.loseConnection()
+        yield withTimeout(
+            defer.gatherResults([client.lost, server.lost]), 20, "both ends to close"
+        )
+        yield proxy.nextClosed()
+        self.assertEqual(client.received, self.response)
+        self.assertTrue(client.eofBeforeLost and server.eofBeforeLost)
+        self.assertFalse(client.wasReset(), client.reason)
+        self.assertEqual(flow.outcome, Outcome.OK)
+        self.assertLess(flow.times.clientHalfClosed, flow.times.serverHalfClosed)
+        self.assertEqual(
+            (flow._splice.toServer.spliced, flow._splice.toClient.spliced),
+            (len(self.request), len(self.response)),
+        )
+
+    @defer.inlineCallbacks
+    def test_serverFirst(self) -> Any:
+        """
+        The mirror case: the server's greeting and FIN reach the client,
+        whose data still reaches the server, followed by a FIN.
+        """
+        net = Network(self)
+        serverPort, servers = net.server()
+        proxy = yield self.startProxy(net, serverPort)
+        client, server, flow = yield self.connected(net, proxy, servers)
+        server.transport.write(self.response)
+        server.transport.loseWriteConnection()
+        yield withTimeout(client.eof, 10, "the client's EOF")
+        self.assertEqual(client.received, self.response)
+        client.transport.write(self.request)
+        client.transport.loseConnection()
+        yield withTimeout(
+            defer.gatherResults([client.lost, server.lost]), 20, "both ends to close"
+        )
+        yield proxy.nextClosed()
+        self.assertEqual(server.received, self.request)
+        self.assertTrue(server.eofBeforeLost)
+        self.assertFalse(server.wasReset(), server.reason)
+        self.assertEqual(flow.outcome, Outcome.OK)
+        self.assertLess(flow.times.serverHalfClosed, flow.times.clientHalfClosed)
+        self.assertEqual(
+            (flow._splice.toServer.spliced, flow._splice.toClient.spliced),
+            (len(self.request), len(self.response)),
+        )
+
+    @defer.inlineCallbacks
+    def test_finAfterHeldBytes(self) -> Any:
+        """
+        A FIN that arrives while the pipe holds bytes the server does not
+        read yet reaches the server after them, not before.
+        """
+        net = Network(self)
+        serverPort, servers = net.server(pauseOnConnect=True, keep=False)
+        proxy = yield self.startProxy(net, serverPort)
+        client, server, flow = yield self.connected(net, proxy, servers)
+        data = os.urandom(8 * MiB)
+        client.transport.write(data)
+        client.transport.loseWriteConnection()
+        direction = flow._splice.toServer
+        yield waitUntil(lambda: direction.held > 0 and not isReading(
+            flow._accepted.transport), "the pipe to hold bytes")
+        self.assertFalse(server.sawEOF)
+        server.transport.resumeProducing()
+        yield withTimeout(server.eof, 20, "the server's EOF")
+        self.assertEqual((server.size, server.digest.hexdigest()),
+                         (len(data), sha256(data)))
+        server.transport.loseConnection()
+        yield proxy.nextClosed()
+        self.assertEqual(flow.outcome, Outcome.OK)
+        self.assertEqual(direction.spliced, len(data))
+
+
+class BackpressureTests(SpliceTestCase):
+    """
+    A reader that does not read makes the proxy stop reading the other
+    side, holding at most C{max-buffer} in the pipe and nothing in
+    userspace; once it reads again, every byte arrives.
+
+    Every C{splice} into a pipe is watched: the pipe never holds more than
+    the bound.
+    """
+
+    def setUp(self) -> None:
+        self.mostHeld = 0
+        real = spliceModule.splice
+
+        def watched(source: int, destination: int, count: int, **kwargs: Any) -> int:
+            size = real(source, destination, count, **kwargs)
+            if stat.S_ISFIFO(os.fstat(destination).st_mode):
+                self.mostHeld = max(self.mostHeld, fionread(destination))
+            return size
+
+        self.patch(spliceModule, "splice", watched)
+
+    @defer.inlineCallbacks
+    def assertBounded(self, flow: Any, direction: Any, source: Any, sink: Any,
+                      sender: Peer) -> Any:
+        yield waitUntil(
+            lambda: bool(source._paused & PAUSED_SPLICE)
+            and not isReading(source.transport)
+            and buffered(sender.transport) > 0,
+            "the proxy to stop reading the sender",
+            timeout=20,
+        )
+        held = pipeHolds(direction)
+        self.assertEqual(held, direction.held)
+        self.assertGreater(held, 0)
+        self.assertLessEqual(held, self.maxBuffer)
+        self.assertGreaterEqual(
+            fcntl.fcntl(direction._pipe[1], fcntl.F_GETPIPE_SZ), self.maxBuffer
+        )
+        self.assertEqual(buffered(source.transport), 0)
+        self.assertEqual(buffered(sink.transport), 0)
+        self.assertIn(sink.transport, sink.transport.reactor.getWriters())
+        self.assertGreater(self.mostHeld, 0)
+        self.assertLessEqual(self.mostHeld, self.maxBuffer)
+
+    @defer.inlineCallbacks
+    def test_slowServer(self) -> Any:
+        """
+        The client writes 16 MB; the server does not read.
+        """
+        net = Network(self)
+        serverPort, servers = net.server(pauseOnConnect=True, keep=False)
+        proxy = yield self.startProxy(net, serverPort)
+        client, server, flow = yield self.connected(net, proxy, servers)
+        data = os.urandom(16 * MiB)
+        client.transport.write(data)
+        yield self.assertBounded(
+            flow, flow._splice.toServer, flow._accepted, flow._outgoing, client
+        )
+        self.assertLess(flow.bytesFromClient, len(data))
+        server.transport.resumeProducing()
+        client.transport.loseWriteConnection()
+        yield withTimeout(server.eof, 30, "the server to read everything")
+        server.transport.loseConnection()
+        yield withTimeout(client.lost, 10, "the client to close")
+        yield proxy.nextClosed()
+        self.assertEqual((server.size, server.digest.hexdigest()),
+                         (len(data), sha256(data)))
+        self.assertEqual(flow.outcome, Outcome.OK)
+        self.assertEqual(flow._splice.toServer.spliced, len(data))
+
+    @defer.inlineCallbacks
+    def test_slowClient(self) -> Any:
+        """
+        The mirror case: the server writes 16 MB; the client does not read.
+        """
+        net = Network(self)
+        serverPort, servers = net.server()
+        proxy = yield self.startProxy(net, serverPort)
+        client, server, flow = yield self.connected(
+            net, proxy, servers, Peer(pauseOnConnect=True, keep=False)
+        )
+        data = os.urandom(16 * MiB)
+        server.transport.write(data)
+        yield self.assertBounded(
+            flow, flow._splice.toClient, flow._outgoing, flow._accepted, server
+        )
+        client.transport.resumeProducing()
+        server.transport.loseWriteConnection()
+        yield withTimeout(client.eof, 30, "the client to read everything")
+        client.transport.loseConnection()
+        yield withTimeout(server.lost, 10, "the server to close")
+        yield proxy.nextClosed()
+        self.assertEqual((client.size, client.digest.hexdigest()),
+                         (len(data), sha256(data)))
+        self.assertEqual(flow._splice.toClient.spliced, len(data))
+
+
+class OddBoundBackpressureTests(BackpressureTests):
+    """
+    L{BackpressureTests} with a bound that is not a whole number of pages:
+    the kernel makes the pipe bigger, the splice lengths still hold it to
+    the bound.
+    """
+
+    maxBuffer = 100_000
+
+
+class ResetTests(SpliceTestCase):
+    """
+    A reset on one leg of a spliced flow resets the other.
+    """
+
+    @defer.inlineCallbacks
+    def test_serverResets(self) -> Any:
+        """
+        The server resets after reading 1 MB of a longer stream: the
+        client is reset and the flow is C{reset} by the server.
+        """
+        net = Network(self)
+        resetting = ResettingFactory(net, after=MiB)
+        proxy = yield self.startProxy(net, net.listen(resetting))
+        client = yield net.connect(proxy.port)
+        flow = yield splicingFlow(proxy)
+        client.transport.write(os.urandom(8 * MiB))
+        yield withTimeout(client.lost, 10, "the client's connection to close")
+        yield proxy.nextClosed()
+        self.assertTrue(client.wasReset(), client.reason)
+        self.assertTrue(client.reason.check(ConnectionLost), client.reason)
+        self.assertEqual(flow.outcome, Outcome.RESET)
+        self.assertTrue(flow.reason.startswith("server:"), flow.reason)
+        self.assertGreaterEqual(flow._splice.toServer.spliced, MiB)
+
+    @defer.inlineCallbacks
+    def test_clientResets(self) -> Any:
+        """
+        The client resets while the server is sending: the server is
+        reset, and the flow is C{reset} by the client.
+        """
+        net = Network(self)
+        serverPort, servers = net.server()
+        proxy = yield self.startProxy(net, serverPort)
+        client, server, flow = yield self.connected(net, proxy, servers)
+        server.transport.write(os.urandom(4 * MiB))
+        yield withTimeout(client.waitForBytes(MiB), 10, "the first MB")
+        resetTransport(client.transport)
+        yield withTimeout(server.lost, 10, "the server's connection to close")
+        yield proxy.nextClosed()
+        self.assertTrue(server.wasReset(), server.reason)
+        self.assertEqual(flow.outcome, Outcome.RESET)
+        self.assertTrue(flow.reason.startswith("client:"), flow.reason)
+        self.assertGreaterEqual(flow._splice.toClient.spliced, MiB)
+        self.assertIsNone(flow._splice.toClient._pipe)
+
+    @defer.inlineCallbacks
+    def test_abortWhileHolding(self) -> Any:
+        """
+        A function that aborts a spliced flow while its pipe holds bytes
+        resets both legs and closes the pipe.
+        """
+        net = Network(self)
+        serverPort, servers = net.server(pauseOnConnect=True, keep=False)
+        proxy = yield self.startProxy(net, serverPort)
+        client, server, flow = yield self.connected(net, proxy, servers)
+        client.transport.write(os.urandom(8 * MiB))
+        direction = flow._splice.toServer
+        yield waitUntil(lambda: direction.held > 0, "the pipe to hold bytes")
+        flow.abort("test")
+        yield withTimeout(client.lost, 10, "the client's reset")
+        # A transport that is not read notices no reset.
+        server.transport.resumeProducing()
+        yield withTimeout(server.lost, 10, "the server's reset")
+        yield proxy.nextClosed()
+        self.assertTrue(client.wasReset() and server.wasReset())
+        self.assertEqual(flow.outcome, Outcome.ABORTED)
+        self.assertIsNone(direction._pipe)
+
+
+class IdleTimeoutTests(SpliceTestCase):
+    """
+    The idle timeout sees the splice path's bytes.
+    """
+
+    @defer.inlineCallbacks
+    def test_idleTimeout(self) -> Any:
+        """
+        A spliced flow whose bytes keep flowing outlives the idle timeout;
+        once silent for it, both legs are reset and the flow is
+        C{idle-timeout}.
+        """
+        from twisted.internet import reactor, task
+
+        idle = 0.3
+        net = Network(self)
+        serverPort, servers = net.server(echo=True)
+        proxy = yield self.startProxy(net, serverPort, **{"idle-timeout": idle})
+        client, server, flow = yield self.connected(net, proxy, servers)
+        start = reactor.seconds()
+        rounds = 6
+        for i in range(1, rounds + 1):
+            client.transport.write(b"p")
+            yield withTimeout(client.waitForBytes(i), 5, "the echo")
+            if i < rounds:
+                # The traffic's pattern, not a wait for an event.
+                yield task.deferLater(reactor, idle / 3, lambda: None)
+        self.assertTrue(client.isConnected)
+        self.assertGreater(reactor.seconds() - start, idle)
+        self.assertEqual(proxy.closed, [])
+        silentSince = reactor.seconds()
+        yield withTimeout(
+            defer.gatherResults([client.lost, server.lost]), 10, "the idle flow's reset"
+        )
+        yield proxy.nextClosed()
+        self.assertTrue(client.wasReset() and server.wasReset())
+        self.assertEqual(flow.outcome, Outcome.IDLE_TIMEOUT)
+        self.assertGreaterEqual(flow.times.closed - silentSince, idle * 0.9)
+        self.assertEqual(
+            (flow._splice.toServer.spliced, flow._splice.toClient.spliced), (rounds, rounds)
+        )
+
+
+class FallbackTests(SpliceTestCase):
+    """
+    A function that asks for the bytes mid-stream sees every byte read from
+    then on; the pipes' bytes are written on first, so the other side gets
+    every byte once, in order.
+    """
+
+    @defer.inlineCallbacks
+    def test_atRest(self) -> Any:
+        """
+        Asked for when the pipes are empty: the hook sees exactly what
+        follows, both ways, and the flow leaves the splice path (its
+        transports' methods are their own again).
+        """
+        net = Network(self)
+        serverPort, servers = net.server()
+        watching = Watching()
+        proxy = yield self.startProxy(net, serverPort, watching=watching)
+        client, server, flow = yield self.connected(net, proxy, servers)
+        before, after = pattern(MiB, 3), pattern(MiB, 4)
+        client.transport.write(before)
+        server.transport.write(before)
+        yield withTimeout(server.waitForBytes(len(before)), 10, "the first part")
+        yield withTimeout(client.waitForBytes(len(before)), 10, "the first part")
+        watcher = watching.watcherOf(flow)
+        suspendedBefore = stats.suspended
+        watcher.watch()
+        self.assertFalse(flow._splice.active)
+        self.assertEqual(stats.suspended, suspendedBefore + 1)
+        for transport in (flow._accepted.transport, flow._outgoing.transport):
+            self.assertNotIn("doRead", vars(transport))
+            self.assertNotIn("doWrite", vars(transport))
+        self.assertIsNone(flow._splice.toServer._pipe)
+        client.transport.write(after)
+        server.transport.write(after)
+        yield withTimeout(server.waitForBytes(2 * MiB), 10, "the second part")
+        yield withTimeout(client.waitForBytes(2 * MiB), 10, "the second part")
+        self.assertEqual(b"".join(watcher.fromClient), after)
+        self.assertEqual(b"".join(watcher.fromServer), after)
+        self.assertEqual(server.received, before + after)
+        self.assertEqual(client.received, before + after)
+        self.assertEqual(
+            (flow._splice.toServer.spliced, flow._splice.toClient.spliced),
+            (MiB, MiB),
+        )
+
+    @defer.inlineCallbacks
+    def test_inFlight(self) -> Any:
+        """
+        Asked for while the pipe holds bytes the server has not taken: the
+        pipe's bytes go on first, the hook sees every byte read after them
+        (the stream's tail), and the server gets the whole stream once.
+        """
+        net = Network(self)
+        serverPort, servers = net.server(pauseOnConnect=True)
+        watching = Watching()
+        proxy = yield self.startProxy(net, serverPort, watching=watching)
+        client, server, flow = yield self.connected(net, proxy, servers)
+        data = pattern(8 * MiB, 5)
+        client.transport.write(data)
+        client.transport.loseWriteConnection()
+        direction = flow._splice.toServer
+        yield waitUntil(lambda: direction.held > 0 and not isReading(
+            flow._accepted.transport), "the pipe to hold bytes")
+        taken = flow.bytesFromClient
+        held = direction.held
+        watcher = watching.watcherOf(flow)
+        watcher.watch()
+        self.assertEqual(direction.flushed, held)
+        self.assertEqual(buffered(flow._outgoing.transport), held)
+        server.transport.resumeProducing()
+        yield withTimeout(server.eof, 20, "the server's EOF")
+        seen = b"".join(watcher.fromClient)
+        self.assertEqual(len(server.received), len(data))
+        self.assertEqual(server.received, data)
+        self.assertEqual(seen, data[taken:])
+        self.assertEqual(direction.spliced + direction.flushed + len(seen), len(data))
+        self.assertEqual(flow.bytesFromClient, len(data))
+
+    @defer.inlineCallbacks
+    def test_backToSplice(self) -> Any:
+        """
+        Once the function no longer wants the bytes, the flow splices
+        again.
+        """
+        net = Network(self)
+        serverPort, servers = net.server()
+        watching = Watching()
+        proxy = yield self.startProxy(net, serverPort, watching=watching)
+        client, server, flow = yield self.connected(net, proxy, servers)
+        watcher = watching.watcherOf(flow)
+        parts = [pattern(256 * 1024, seed) for seed in range(3)]
+        client.transport.write(parts[0])
+        yield withTimeout(server.waitForBytes(len(parts[0])), 10, "part 1")
+        watcher.watch()
+        client.transport.write(parts[1])
+        yield withTimeout(server.waitForBytes(2 * len(parts[0])), 10, "part 2")
+        watcher.watch(False)
+        self.assertTrue(flow._splice.active)
+        client.transport.write(parts[2])
+        yield withTimeout(server.waitForBytes(3 * len(parts[0])), 10, "part 3")
+        self.assertEqual(server.received, b"".join(parts))
+        self.assertEqual(b"".join(watcher.fromClient), parts[1])
+        self.assertEqual(flow._splice.toServer.spliced, 2 * len(parts[0]))
+
+    @defer.inlineCallbacks
+    def test_spliceAfterBuffered(self) -> Any:
+        """
+        A flow that goes (back) to the splice path while its outgoing
+        transport still holds bytes the server has not taken splices
+        nothing ahead of them: what it reads goes after them.
+        """
+        net = Network(self)
+        serverPort, servers = net.server(pauseOnConnect=True)
+        watching = Watching(wantsData=True)
+        proxy = yield self.startProxy(net, serverPort, watching=watching)
+        client = yield net.connect(proxy.port)
+        server = yield servers.nextPeer()
+        [flow] = proxy.openFlows()
+        yield waitUntil(lambda: flow._outgoing is not None and flow._accepted is not None,
+                        "both legs")
+        # Never paused by its transport: the proxy reads whatever comes
+        # while that transport holds bytes.
+        flow._outgoing.transport.bufferSize = 1 << 30
+        first, second = pattern(4 * MiB, 9), pattern(MiB, 10)
+        client.transport.write(first)
+        yield waitUntil(lambda: flow.bytesFromClient == len(first), "the first part")
+        held = buffered(flow._outgoing.transport)
+        self.assertGreater(held, 0)
+        watching.watcherOf(flow).watch(False)
+        self.assertTrue(flow._splice.active)
+        client.transport.write(second)
+        yield waitUntil(lambda: flow.bytesFromClient == len(first) + len(second),
+                        "the second part")
+        self.assertEqual(flow._splice.toServer.spliced, 0)
+        server.transport.resumeProducing()
+        yield withTimeout(server.waitForBytes(len(first) + len(second)), 20, "every byte")
+        self.assertEqual(server.received, first + second)
+
+    @defer.inlineCallbacks
+    def test_functionWritesWhileHolding(self) -> Any:
+        """
+        Bytes a function writes to the server while the pipe holds bytes
+        go after the pipe's.
+        """
+        net = Network(self)
+        serverPort, servers = net.server(pauseOnConnect=True)
+        watching = Watching()
+        proxy = yield self.startProxy(net, serverPort, watching=watching)
+        client, server, flow = yield self.connected(net, proxy, servers)
+        data = pattern(8 * MiB, 6)
+        client.transport.write(data)
+        direction = flow._splice.toServer
+        yield waitUntil(lambda: direction.held > 0 and not isReading(
+            flow._accepted.transport), "the pipe to hold bytes")
+        taken = flow.bytesFromClient
+        flow.writeToServer(b"<injected>")
+        self.assertEqual(direction.held, 0)
+        server.transport.resumeProducing()
+        total = len(data) + len(b"<injected>")
+        yield withTimeout(server.waitForBytes(total), 20, "every byte")
+        self.assertEqual(server.received, data[:taken] + b"<injected>" + data[taken:])
+
+
+class UnsupportedTests(SpliceTestCase):
+    """
+    If the kernel refuses to splice, the process relays in userspace, with
+    one log line.
+    """
+
+    def setUp(self) -> None:
+        def refuse(*args: Any, **kwargs: Any) -> int:
+            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
+
+        self.patch(spliceModule, "splice", refuse)
+
+        def restore() -> None:
+            stats.available = True
+            stats.unsupported = None
+
+        self.addCleanup(restore)
+
+    @defer.inlineCallbacks
+    def test_fallBack(self) -> Any:
+        """
+        The first flow finds out at its first read: it goes on in
+        userspace with no byte lost; the next flow does not try; one line
+        is logged.
+        """
+        logs = LogCapture(self)
+        net = Network(self)
+        serverPort, servers = net.server(echo=True)
+        proxy = yield self.startProxy(net, serverPort)
+        client, server, flow = yield self.connected(net, proxy, servers)
+        data = pattern(MiB, 7)
+        client.transport.write(data)
+        yield withTimeout(client.waitForBytes(len(data)), 10, "the echo")
+        self.assertEqual(client.received, data)
+        self.assertFalse(stats.available)
+        self.assertIn("Invalid argument", stats.unsupported)
+        self.assertFalse(flow._splice.active)
+        self.assertEqual(flow._splice.spliced, 0)
+
+        second = yield net.connect(proxy.port)
+        second.transport.write(data)
+        yield withTimeout(second.waitForBytes(len(data)), 10, "the second echo")
+        self.assertEqual(second.received, data)
+        [flow2] = [f for f in proxy.openFlows() if f is not flow]
+        self.assertIsNone(flow2._splice)
+        self.assertEqual(len(logs.matching("miniproxy.splice")), 1)
+
+
+class FileDescriptorTests(SpliceTestCase):
+    """
+    Spliced flows leave no descriptor behind, however they end.
+    """
+
+    @defer.inlineCallbacks
+    def test_noLeak(self) -> Any:
+        """
+        After 120 flows that end cleanly, are reset by the client, are
+        aborted while their pipe holds bytes, or fall back to userspace
+        mid-stream, the process has the descriptors it had before.
+        """
+        net = Network(self)
+        serverPort, servers = net.server(echo=True, keep=False)
+        watching = Watching()
+        proxy = yield self.startProxy(net, serverPort, watching=watching)
+        relays = stats.relays
+        payload = pattern(200 * 1024, 8)
+
+        @defer.inlineCallbacks
+        def oneFlow(kind: str) -> Any:
+            client = yield net.connect(proxy.port, Peer(keep=False))
+            server = yield servers.nextPeer()
+            [flow] = [f for f in proxy.openFlows() if f._accepted is not None
+                      and f._accepted.transport.getPeer().port
+                      == client.transport.getHost().port]
+            yield waitUntil(lambda: flow._splice is not None and flow._splice.active,
+                            "the flow to splice")
+            client.transport.write(payload)
+            if kind == "clean":
+                client.transport.loseWriteConnection()
+            elif kind == "reset":
+                yield client.waitForBytes(1)
+                resetTransport(client.transport)
+            elif kind == "abort":
+                yield client.waitForBytes(1)
+                flow.abort("test")
+            elif kind == "fallback":
+                yield client.waitForBytes(1)
+                watching.watcherOf(flow).watch()
+                client.transport.loseWriteConnection()
+            yield client.ended
+            client.transport.loseConnection()
+            yield client.lost
+            yield server.lost
+            if kind in ("clean", "fallback"):
+                self.assertEqual(client.size, len(payload))
+
+        kinds = ["clean", "reset", "abort", "fallback"]
+        yield defer.gatherResults([oneFlow(kind) for kind in kinds])
+        yield waitUntil(lambda: not proxy.openFlows(), "the warm-up flows to close")
+        before = openFiles()
+        total, batch = 120, 20
+        for start in range(0, total, batch):
+            yield withTimeout(
+                defer.gatherResults(
+                    [oneFlow(kinds[i % len(kinds)]) for i in range(start, start + batch)]
+                ),
+                20,
+                "a batch of flows",
+            )
+        yield waitUntil(lambda: not proxy.openFlows(), "every flow to close")
+        after = openFiles()
+        self.assertEqual(stats.relays, relays + len(kinds) + total)
+        leaked = {fd: what for fd, what in after.items() if before.get(fd) != what}
+        self.assertEqual(leaked, {}, f"{len(after) - len(before)} descriptors leaked")
+
+
+class SettingTests(unittest.TestCase):
+    """
+    The C{[limits] splice} setting.
+    """
+
+    def test_default(self) -> None:
+        """
+        Splicing is on by default, and C{splice = false} turns it off.
+        """
+        self.assertTrue(buildConfig({}).limits.splice)
+        self.assertFalse(buildConfig({"limits": {"splice": False}}).limits.splice)
+        self.assertFalse(buildConfig({}, limits={"splice": "false"}).limits.splice)
+
+    def test_bad(self) -> None:
+        """
+        A value that is not a boolean is refused, naming the key.
+        """
+        e = self.assertRaises(ConfigError, buildConfig, {"limits": {"splice": 1}})
+        self.assertEqual(str(e), "limits.splice: must be true or false, not 1")
+
+    def test_notForMemoryTransports(self) -> None:
+        """
+        The in-memory transports of L{miniproxy.testing} are never
+        spliced.
+        """
+        from miniproxy.testing import FlowHarness
+
+        harness = FlowHarness()
+        driver = harness.accept()
+        driver.connectOutgoing()
+        driver.clientSends(b"x")
+        self.assertEqual(driver.sentToServer(), b"x")
+        self.assertFalse(SpliceRelay.possible(driver.flow._accepted, driver.flow._outgoing))
+        self.assertIsNone(driver.flow._splice)
+
+
+# -- the property test ---------------------------------------------------------
+
+#: One side's stream: chunk sizes up to past the largest pipe.
+chunkSizes = st.lists(st.integers(1, 150_000), max_size=6)
+
+
+@st.composite
+def scenarios(draw: Any) -> dict[str, Any]:
+    """
+    A scenario: each side's chunks and FIN, merged in a drawn order, the
+    buffer bound, and maybe the moment a function asks for the bytes.
+    """
+    up = draw(chunkSizes)
+    down = draw(chunkSizes)
+    upSteps = [("up", n) for n in up] + [("upFin", 0)]
+    downSteps = [("down", n) for n in down] + [("downFin", 0)]
+    steps = []
+    while upSteps or downSteps:
+        if upSteps and (not downSteps or draw(st.booleans())):
+            steps.append(upSteps.pop(0))
+        else:
+            steps.append(downSteps.pop(0))
+    watchAt = draw(st.one_of(st.none(), st.integers(0, len(steps))))
+    if watchAt is not None:
+        steps.insert(watchAt, ("watch", 0))
+    return {
+        "steps": steps,
+        "maxBuffer": draw(st.sampled_from([4096, 16384, 65536])),
+        "seed": draw(st.integers(0, 250)),
+    }
+
+
+class _Side:
+    """
+    One end of a scenario's connection, driven by blocking calls in a
+    worker thread: what it sent, what it read, whether it saw the EOF.
+    """
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        sock.setblocking(False)
+        self.sent = bytearray()
+        self.received = bytearray()
+        self.eof = False
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def _pump(sides: list[_Side], sender: _Side | None, data: bytes, deadline: float) -> None:
+    """
+    Send C{data} on C{sender} while reading whatever the sides have, until
+    it is all sent; with no sender, read until every side saw its EOF.
+    """
+    import time
+
+    view = memoryview(data)
+    while view if sender is not None else not all(side.eof for side in sides):
+        if time.monotonic() > deadline:
+            raise AssertionError("the scenario timed out")
+        with selectors.DefaultSelector() as selector:
+            for side in sides:
+                events = 0 if side.eof else selectors.EVENT_READ
+                if side is sender:
+                    events |= selectors.EVENT_WRITE
+                if events:
+                    selector.register(side.sock, events, side)
+            ready = selector.select(timeout=1.0)
+        for key, mask in ready:
+            side = key.data
+            if mask & selectors.EVENT_READ:
+                chunk = side.sock.recv(1 << 20)
+                if chunk:
+                    side.received += chunk
+                else:
+                    side.eof = True
+            if mask & selectors.EVENT_WRITE and view:
+                try:
+                    n = side.sock.send(view)
+                except BlockingIOError:
+                    n = 0
+                side.sent += view[:n]
+                view = view[n:]
+
+
+class PropertyTests(unittest.TestCase):
+    """
+    Whatever the chunking, the interleaving of the two directions, the
+    moment of each FIN, the buffer bound and the moment a function asks for
+    the bytes, every byte arrives once and in order, every byte read before
+    that moment was spliced, and the hook sees exactly the rest.
+    """
+
+    timeout = 60
+
+    @defer.inlineCallbacks
+    def test_scenarios(self) -> Any:
+        from twisted.internet import reactor
+
+        net = Network(self)
+        listener = socket.socket()
+        self.addCleanup(listener.close)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        listener.settimeout(10)
+        serverPort = listener.getsockname()[1]
+        proxies = {}
+        watchings = {}
+        for maxBuffer in (4096, 16384, 65536):
+            watchings[maxBuffer] = Watching()
+            proxies[maxBuffer] = yield net.startProxy(
+                f"tcp:host=127.0.0.1:port={serverPort}",
+                limits={"max-buffer": maxBuffer},
+                functions=(("watch", watchings[maxBuffer].factory),),
+            )
+        examples = []
+
+        @settings(max_examples=20, deadline=None, database=None)
+        @given(scenarios())
+        def run(scenario: dict[str, Any]) -> None:
+            examples.append(scenario)
+            self.runScenario(reactor, listener, proxies[scenario["maxBuffer"]],
+                             watchings[scenario["maxBuffer"]], scenario)
+
+        yield threads.deferToThread(run)
+        self.assertEqual(len(examples), 20)
+
+    def runScenario(self, reactor: Any, listener: socket.socket, proxy: Any,
+                    watching: Watching, scenario: dict[str, Any]) -> None:
+        """
+        Run one scenario, in a worker thread: blocking sockets here, the
+        proxy on the reactor.
+        """
+        import time
+
+        from twisted.internet.threads import blockingCallFromThread
+
+        deadline = time.monotonic() + 20
+        clientSock = socket.create_connection(("127.0.0.1", proxy.port), timeout=10)
+        client = _Side(clientSock)
+        try:
+            serverSock, _ = listener.accept()
+        except BaseException:
+            client.close()
+            raise
+        server = _Side(serverSock)
+        try:
+            flow = blockingCallFromThread(reactor, splicingFlow, proxy)
+            watcher = watching.watcherOf(flow)
+            taken = None
+            seed = scenario["seed"]
+            upStream = pattern(sum(n for kind, n in scenario["steps"] if kind == "up"), seed)
+            downStream = pattern(
+                sum(n for kind, n in scenario["steps"] if kind == "down"), seed + 1
+            )
+            offsets = {"up": 0, "down": 0}
+            for kind, size in scenario["steps"]:
+                if kind == "up" or kind == "down":
+                    stream = upStream if kind == "up" else downStream
+                    sender = client if kind == "up" else server
+                    start = offsets[kind]
+                    offsets[kind] += size
+                    _pump([client, server], sender, stream[start : start + size], deadline)
+                elif kind == "upFin":
+                    client.sock.shutdown(socket.SHUT_WR)
+                elif kind == "downFin":
+                    server.sock.shutdown(socket.SHUT_WR)
+                else:
+                    taken = blockingCallFromThread(reactor, self.watch, flow, watcher)
+            _pump([client, server], None, b"", deadline)
+            client.close()
+            server.close()
+            blockingCallFromThread(
+                reactor, waitUntil, lambda: flow.outcome is not None, "the flow to close"
+            )
+        finally:
+            client.close()
+            server.close()
+        self.assertEqual(bytes(server.received), upStream)
+        self.assertEqual(bytes(client.received), downStream)
+        self.assertEqual(flow.outcome, Outcome.OK)
+        self.assertEqual((flow.bytesFromClient, flow.bytesFromServer),
+                         (len(upStream), len(downStream)))
+        relay = flow._splice
+        for direction, stream, seen, index in (
+            (relay.toServer, upStream, watcher.fromClient, 0),
+            (relay.toClient, downStream, watcher.fromServer, 1),
+        ):
+            seenBytes = b"".join(seen)
+            if taken is None:
+                self.assertEqual(seenBytes, b"")
+                self.assertEqual(direction.spliced, len(stream))
+            else:
+                self.assertEqual(seenBytes, stream[taken[index]:])
+                self.assertEqual(direction.spliced + direction.flushed, taken[index])
+
+    @staticmethod
+    def watch(flow: Any, watcher: Watcher) -> tuple[int, int]:
+        """
+        Ask for the flow's bytes (on the reactor thread).
+
+        @return: How many bytes the flow had read each way before.
+        """
+        taken = (flow.bytesFromClient, flow.bytesFromServer)
+        watcher.watch()
+        return taken
