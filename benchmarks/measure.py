@@ -497,7 +497,9 @@ def hookComparison(bench: Bench, plain: Peer, noop: Peer, rounds: int = 2,
     """
     Short flows and throughput through C{plain} and C{noop} (the same
     proxy with the no-op function), alternating, C{rounds} times each; the
-    best run of each counts.  The proxy's core is busy throughout these
+    best run of each counts.  A function that wants data keeps its flows
+    off the splice path, so C{plain} should relay in userspace too (splice
+    off) for the difference to be the hooks'.  The proxy's core is busy throughout these
     runs, so the inverse of a rate is the proxy's time per flow or per
     byte, and the difference is the function's cost.
 

@@ -459,14 +459,20 @@ def _portforward(listenPort: int, backendPort: int, workdir: Path) -> list[str]:
 MINIPROXY_LIMITS = ("--max-flows", "100000", "--max-flows-per-source", "100000")
 
 
-def _miniproxy(mode: str, functions: Sequence[str] = (),
-               listen: str | None = None) -> Callable[[int, int, Path], list[str]]:
+def _miniproxy(mode: str, functions: Sequence[str] = (), listen: str | None = None,
+               config: str | None = None) -> Callable[[int, int, Path], list[str]]:
     def build(listenPort: int, backendPort: int, workdir: Path) -> list[str]:
+        options = []
+        if config is not None:
+            path = workdir / f"miniproxy-{listenPort}.toml"
+            path.write_text(config)
+            options = ["--config", str(path)]
         command = [
             *TWISTD,
             "-n",
             "--pidfile=",
             "miniproxy",
+            *options,
             "--listen",
             listen or f"tcp:{listenPort}:interface=127.0.0.1",
             "--to",
@@ -508,6 +514,13 @@ MINIPROXY_EARLY = Peer(
     _miniproxy("early"),
     env={"PYTHONPATH": _pythonPath()},
 )
+MINIPROXY_USERSPACE = Peer(
+    "miniproxy-userspace",
+    "miniproxy --mode accept, splice off",
+    _miniproxy("accept", config="[limits]\nsplice = false\n"),
+    env={"PYTHONPATH": _pythonPath()},
+    measures=("throughput", "simultaneous", "shortFlows"),
+)
 MINIPROXY_NOOP = Peer(
     "miniproxy-noop",
     "miniproxy --mode accept + no-op function",
@@ -533,6 +546,7 @@ PEERS: tuple[Peer, ...] = (
     PORTFORWARD,
     MINIPROXY_ACCEPT,
     MINIPROXY_EARLY,
+    MINIPROXY_USERSPACE,
     MINIPROXY_WORKERS,
 )
 

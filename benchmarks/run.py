@@ -33,6 +33,7 @@ from benchmarks import measure, native
 from benchmarks.peers import (
     MINIPROXY_ACCEPT,
     MINIPROXY_NOOP,
+    MINIPROXY_USERSPACE,
     PEERS,
     REPO,
     Peer,
@@ -77,8 +78,8 @@ class Sizes:
     idlePairs: int = 1000
     coldRuns: int = 7
     listenerRuns: int = 20
-    hookFlows: int = 3000
-    hookChunks: int = 30000
+    hookFlows: int = 1000
+    hookChunks: int = 10000
     hookRounds: int = 2
 
 
@@ -221,7 +222,7 @@ def runPeer(bench: measure.Bench, peer: Peer, sizes: Sizes, measurements: Sequen
         attempt("pythonMemory", lambda: measure.pythonMemory(bench, sizes.idlePairs))
         attempt("newListener", lambda: measure.newListener(bench, sizes.listenerRuns))
         attempt("hookComparison", lambda: measure.hookComparison(
-            bench, MINIPROXY_ACCEPT, MINIPROXY_NOOP, sizes.hookRounds, sizes.shortClients,
+            bench, MINIPROXY_USERSPACE, MINIPROXY_NOOP, sizes.hookRounds, sizes.shortClients,
             sizes.shortSeconds, sizes.throughputSeconds))
         attempt("hookMicro", lambda: measure.hookMicro(bench, sizes.hookFlows,
                                                        sizes.hookChunks))
@@ -242,6 +243,8 @@ def hookOverhead(peers: dict[str, Any]) -> dict[str, Any] | None:
     if isinstance(micro, dict) and "perFlowUs" in micro:
         result["inMemoryPerFlowUs"] = micro["perFlowUs"]
         result["inMemoryPerChunkNs"] = micro["perChunkNs"]
+        result["dispatchFlowUs"] = micro["dispatchFlowUs"]
+        result["dispatchChunkNs"] = micro["dispatchChunkNs"]
     return result or None
 
 

@@ -174,7 +174,8 @@ class SmokeTests(unittest.TestCase):
         comparison = mine["hookComparison"]
         self.assertEqual(len(comparison["shortFlowsNoop"]), TINY.hookRounds)
         self.assertGreater(comparison["noopCounts"]["chunks"], 0)
-        self.assertIn("perChunkNs", results["hookOverhead"])
+        for key in ("perFlowUs", "perChunkNs", "dispatchFlowUs", "dispatchChunkNs"):
+            self.assertIn(key, results["hookOverhead"])
 
         with open(out / "results.csv", newline="") as f:
             rows = list(csv.reader(f))
