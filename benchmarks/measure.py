@@ -488,6 +488,72 @@ def _firstByte(port: int, deadline: float, process: Process) -> float:
             time.sleep(0.0005)
 
 
+#: The modules whose cumulative import time L{startupImports} reports.
+STARTUP_MODULES = (
+    "site",
+    "twisted.scripts.twistd",
+    "twisted.application.app",
+    "twisted.logger",
+    "miniproxy.tap",
+    "miniproxy.service",
+    "miniproxy.listener",
+    "twisted.internet.endpoints",
+    "twisted.internet.ssl",
+    "OpenSSL",
+    "cryptography.x509",
+    "urllib.request",
+)
+
+
+def startupImports(runs: int = 3) -> dict[str, Any]:
+    """
+    Where miniproxy's start-up time goes before it listens: the wall time
+    of a bare interpreter (with and without C{site}), and C{python -X
+    importtime}'s cumulative time of L{STARTUP_MODULES} when importing
+    what C{twistd miniproxy} imports; medians of C{runs} runs, in ms, on
+    the proxy core.
+    """
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(REPO)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
+    )
+
+    def wall(args: list[str]) -> float:
+        started = time.perf_counter()
+        subprocess.run(pinned([sys.executable, *args], PROXY_CPU), env=env, check=True,
+                       capture_output=True)
+        return (time.perf_counter() - started) * 1000
+
+    bare = [wall(["-S", "-c", "pass"]) for _ in range(runs)]
+    plain = [wall(["-c", "pass"]) for _ in range(runs)]
+    imports = [wall(["-c", "from twisted.scripts.twistd import run; import miniproxy.tap, "
+                     "miniproxy.service"]) for _ in range(runs)]
+    modules: dict[str, list[float]] = {m: [] for m in STARTUP_MODULES}
+    for _ in range(runs):
+        result = subprocess.run(
+            pinned([sys.executable, "-X", "importtime", "-c",
+                    "from twisted.scripts.twistd import run; import miniproxy.tap, "
+                    "miniproxy.service"], PROXY_CPU),
+            env=env, capture_output=True, text=True, check=True,
+        )
+        seen = {}
+        for line in result.stderr.splitlines():
+            if not line.startswith("import time:") or "|" not in line:
+                continue
+            _, cumulative, name = line.split("|")
+            name = name.strip()
+            if name in modules and name not in seen and cumulative.strip().isdigit():
+                seen[name] = int(cumulative) / 1000
+        for name, ms in seen.items():
+            modules[name].append(ms)
+    return {
+        "interpreterNoSiteMs": statistics.median(bare),
+        "interpreterMs": statistics.median(plain),
+        "importsMs": statistics.median(imports),
+        "importTimeMs": {m: statistics.median(v) for m, v in modules.items() if v},
+    }
+
+
 # -- 7. the cost of a no-op function ---------------------------------------
 
 

@@ -31,6 +31,57 @@ TARGETS = (
 )
 
 
+#: Figures measured earlier on this kind of machine, by peer and figure
+#: (the keys of L{figures}).
+REFERENCE_FIGURES: dict[str, dict[str, float]] = {
+    "direct": {"throughputGbps": 23.6, "firstByteMeanMs": 0.5, "shortFlowsPerSecond": 17400},
+    "haproxy": {"throughputGbps": 12.4, "firstByteMeanMs": 3.3, "shortFlowsPerSecond": 14700,
+                "memoryKiBPerPair": 3.3, "coldStartMs": 28},
+    "haproxy-splice": {"throughputGbps": 14.7},
+    "portforward": {"throughputGbps": 11.8, "shortFlowsPerSecond": 6300,
+                    "memoryKiBPerPair": 2.5, "coldStartMs": 127},
+    "socat": {"throughputGbps": 7.8, "shortFlowsPerSecond": 1600, "memoryKiBPerPair": 64},
+}
+
+_FIGURE_NAMES = {
+    "throughputGbps": "throughput, Gbit/s",
+    "firstByteMeanMs": "TTFB at 230 connects, ms",
+    "shortFlowsPerSecond": "short flows/s",
+    "memoryKiBPerPair": "memory per idle pair, KB",
+    "coldStartMs": "cold start, ms",
+}
+
+
+def referenceComparison(results: dict[str, Any]) -> list[str]:
+    """
+    Markdown rows setting this run's figures beside L{REFERENCE_FIGURES},
+    each also as a ratio to HAProxy's (which cancels out most of a
+    difference in machine speed).
+    """
+    peers = results["peers"]
+    sizes = burstSizes(results)
+    largest = sizes[-1] if sizes else None
+    mine = {name: figures(peer, largest) for name, peer in peers.items()}
+    rows = [
+        "| peer | figure | reference | ratio to HAProxy | this run | ratio to HAProxy |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, reference in REFERENCE_FIGURES.items():
+        for key, value in reference.items():
+            now = mine.get(name, {}).get(key)
+            # socat's memory is its children's private memory: compare PSS.
+            if name == "socat" and key == "memoryKiBPerPair":
+                now = mine.get(name, {}).get("memoryPssKiBPerPair")
+            refRatio = ratio(value, REFERENCE_FIGURES["haproxy"].get(key))
+            nowRatio = ratio(now, mine.get("haproxy", {}).get(key))
+            label = peers.get(name, {}).get("label", name)
+            rows.append(
+                f"| {label} | {_FIGURE_NAMES[key]} | {_fmt(float(value), 1)} | "
+                f"{_fmt(refRatio, 2)} | {_fmt(now, 1)} | {_fmt(nowRatio, 2)} |"
+            )
+    return rows
+
+
 def _get(result: Any, *keys: Any) -> Any:
     for key in keys:
         if not isinstance(result, dict) or key not in result:
@@ -214,11 +265,31 @@ def markdown(results: dict[str, Any], heading: str = "##") -> str:
                     + f", fail {s['failures']}"
                 )
             lines.append(f"| {peer.get('label', name)} | " + " | ".join(cells) + " |")
+    if largest == "230":
+        lines += [
+            "",
+            f"{heading}# Beside the reference figures",
+            "",
+            "Measured earlier on this kind of machine; the ratios to HAProxy cancel "
+            "most of a difference in machine speed or load.",
+            "",
+            *referenceComparison(results),
+        ]
     mine = peers.get("miniproxy-accept", {})
     listener = _get(mine, "newListener")
     hooks = results.get("hookOverhead")
-    if listener or hooks or _get(mine, "pythonMemory"):
+    if listener or hooks or _get(mine, "pythonMemory") or _get(mine, "startupImports"):
         lines += ["", f"{heading}# miniproxy only", ""]
+    startup = _get(mine, "startupImports")
+    if isinstance(startup, dict) and "importsMs" in startup:
+        lines.append(
+            f"- Start-up before listening: a bare interpreter `python -S` "
+            f"{_fmt(startup['interpreterNoSiteMs'], 0)} ms, with `site` "
+            f"{_fmt(startup['interpreterMs'], 0)} ms, importing what `twistd miniproxy` "
+            f"imports {_fmt(startup['importsMs'], 0)} ms; cumulative import times: "
+            + ", ".join(f"`{m}` {_fmt(ms, 0)} ms"
+                        for m, ms in startup["importTimeMs"].items())
+        )
     python = _get(mine, "pythonMemory")
     if isinstance(python, dict) and "tracedPerPair" in python:
         lines.append(

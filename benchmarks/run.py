@@ -104,6 +104,7 @@ MEASUREMENTS = (
     "shortFlows",
     "idleMemory",
     "coldStart",
+    "startupImports",
     "pythonMemory",
     "newListener",
     "hookComparison",
@@ -219,6 +220,7 @@ def runPeer(bench: measure.Bench, peer: Peer, sizes: Sizes, measurements: Sequen
     attempt("idleMemory", lambda: measure.idleMemory(bench, peer, sizes.idlePairs))
     attempt("coldStart", lambda: measure.coldStart(bench, peer, sizes.coldRuns))
     if peer.name == MINIPROXY_ACCEPT.name:
+        attempt("startupImports", lambda: measure.startupImports(sizes.coldRuns))
         attempt("pythonMemory", lambda: measure.pythonMemory(bench, sizes.idlePairs))
         attempt("newListener", lambda: measure.newListener(bench, sizes.listenerRuns))
         attempt("hookComparison", lambda: measure.hookComparison(

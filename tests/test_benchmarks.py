@@ -170,6 +170,7 @@ class SmokeTests(unittest.TestCase):
                              TINY.listenerRuns)
         self.assertEqual(mine["hookMicro"]["flows"], TINY.hookFlows)
         self.assertEqual(mine["pythonMemory"]["flowsHeld"], TINY.idlePairs)
+        self.assertIn("miniproxy.tap", mine["startupImports"]["importTimeMs"])
         self.assertGreater(mine["pythonMemory"]["tracedPerPair"], 0)
         comparison = mine["hookComparison"]
         self.assertEqual(len(comparison["shortFlowsNoop"]), TINY.hookRounds)
