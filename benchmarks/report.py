@@ -340,7 +340,7 @@ def markdown(results: dict[str, Any], heading: str = "##") -> str:
             met = {True: "yes", False: "**no**", None: "–"}[r["met"]]
             lines.append(f"| {r['target']} | {_fmt(r['value'], 2)} | {met} |")
     for kind in ("shortFlows", "throughput"):
-        profile = _get(mine, kind, "profile")
+        profile = _get(mine, "profiles", kind)
         if isinstance(profile, dict) and profile.get("samples"):
             lines += [
                 "",

@@ -208,15 +208,11 @@ def runPeer(bench: measure.Bench, peer: Peer, sizes: Sizes, measurements: Sequen
             results[name] = {"error": f"{type(e).__name__}: {e}"}
         log(f"  {peer.name}: {name} ({time.monotonic() - started:.1f} s)")
 
-    profileHere = profile and peer.name == MINIPROXY_ACCEPT.name
-    attempt("throughput", lambda: measure.throughput(
-        bench, peer, sizes.throughputSeconds,
-        profileTo=out / "profile-throughput.txt" if profileHere else None))
+    attempt("throughput", lambda: measure.throughput(bench, peer, sizes.throughputSeconds))
     attempt("simultaneous", lambda: measure.simultaneous(
         bench, peer, sizes.burstSizes, sizes.burstRepeats))
     attempt("shortFlows", lambda: measure.shortFlows(
-        bench, peer, sizes.shortClients, sizes.shortSeconds,
-        profileTo=out / "profile-shortflows.txt" if profileHere else None))
+        bench, peer, sizes.shortClients, sizes.shortSeconds))
     attempt("idleMemory", lambda: measure.idleMemory(bench, peer, sizes.idlePairs))
     attempt("coldStart", lambda: measure.coldStart(bench, peer, sizes.coldRuns))
     if peer.name == MINIPROXY_ACCEPT.name:
@@ -228,6 +224,22 @@ def runPeer(bench: measure.Bench, peer: Peer, sizes: Sizes, measurements: Sequen
             sizes.shortSeconds, sizes.throughputSeconds))
         attempt("hookMicro", lambda: measure.hookMicro(bench, sizes.hookFlows,
                                                        sizes.hookChunks))
+        if profile:
+            # Separate runs, so that sampling does not touch the figures above.
+            results["profiles"] = {}
+            for kind, f in (
+                ("shortFlows", lambda: measure.shortFlows(
+                    bench, peer, sizes.shortClients, sizes.shortSeconds,
+                    profileTo=out / "profile-shortflows.txt")),
+                ("throughput", lambda: measure.throughput(
+                    bench, peer, sizes.throughputSeconds,
+                    profileTo=out / "profile-throughput.txt")),
+            ):
+                try:
+                    results["profiles"][kind] = f().get("profile")
+                except Exception as e:
+                    results["profiles"][kind] = {"error": f"{type(e).__name__}: {e}"}
+                log(f"  {peer.name}: profile of {kind}")
     return results
 
 
