@@ -403,6 +403,8 @@ class ConfigurationTests(unittest.SynchronousTestCase):
         for document in self.examples:
             config = buildConfig(document)
             service = ProxyService(config, MemoryReactorClock())
+            # The service shares the process's option emitter; let go of it.
+            self.addCleanup(service.optionEmitter.release)
             self.assertEqual(
                 [name for name, _ in service.functions],
                 list(document.get("functions", [])),
