@@ -285,6 +285,30 @@ class PluginGuideExampleTests(unittest.SynchronousTestCase):
         self.assertEqual(result.testsRun, suite.countTestCases())
         self.assertGreaterEqual(result.testsRun, 4)
 
+    def test_testingKitNames(self) -> None:
+        """
+        Every C{harness.NAME} and C{driver.NAME} the guide's table of the
+        testing kit shows exists on L{FlowHarness} and L{FlowDriver}.
+        """
+        from miniproxy import testing
+
+        table = section(self.guide, "Testing with `miniproxy.testing`")
+        names = re.findall(r"`(harness|driver)\.(\w+)", table)
+        self.assertGreaterEqual(len(names), 15)
+        for owner, name in names:
+            cls = testing.FlowHarness if owner == "harness" else testing.FlowDriver
+            if name in ("closedFlows", "drivers", "refusedAtAccept", "flow"):
+                # Instance attributes, and the flow property.
+                self.assertTrue(
+                    name in cls.__init__.__code__.co_names or hasattr(cls, name),
+                    f"{owner}.{name}",
+                )
+                continue
+            self.assertTrue(hasattr(cls, name), f"{owner}.{name}")
+        for name in re.findall(r"`(\w+)\(", table):
+            if name[0].isupper() or name in ("configured",):
+                self.assertTrue(hasattr(testing, name), name)
+
     def test_packaging(self) -> None:
         """
         The example's C{pyproject.toml} ships the implementation module and
