@@ -208,7 +208,7 @@ class NextHop:
         where = f"bad next hop {description!r}"
         if kind not in ("tcp", "tls"):
             raise ConfigError(f"{where}: kind must be tcp or tls, not {kind!r}")
-        known = {"host", "port", "bindAddress", "timeout", "fastopen", "carry"}
+        known = {"host", "port", "bindAddress", "fastopen", "carry"}
         if kind == "tls":
             known |= {"hostname", "trustRoots"}
         unknown = set(kwargs) - known

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import weakref
 from typing import Any, Callable
 
 from twisted.logger import Logger
@@ -51,7 +52,9 @@ def _canonical(host: str) -> str:
     return str(ip)
 
 
-_shared: dict[tuple[int, int], "OptionEmitter"] = {}
+# The shared emitters, by reactor (weakly: a dead reactor takes its
+# emitters with it) and queue.
+_shared: "weakref.WeakKeyDictionary[Any, dict[int, OptionEmitter]]" = weakref.WeakKeyDictionary()
 
 
 class OptionEmitter:
@@ -92,10 +95,10 @@ class OptionEmitter:
         C{reactor} (a netfilter queue has one reader).  Each user calls
         L{release} when done; the last one stops it.
         """
-        key = (id(reactor), queue)
-        emitter = _shared.get(key)
+        emitters = _shared.setdefault(reactor, {})
+        emitter = emitters.get(queue)
         if emitter is None:
-            emitter = _shared[key] = cls(reactor, queue, mark)
+            emitter = emitters[queue] = cls(reactor, queue, mark)
         emitter._users += 1
         return emitter
 
@@ -106,9 +109,9 @@ class OptionEmitter:
         self._users -= 1
         if self._users <= 0:
             self._users = 0
-            for key, emitter in list(_shared.items()):
-                if emitter is self:
-                    del _shared[key]
+            emitters = _shared.get(self.reactor, {})
+            if emitters.get(self.queue) is self:
+                del emitters[self.queue]
             self.stop()
 
     @property

@@ -103,6 +103,7 @@ class NextHopTests(unittest.TestCase):
             "tcp:host=a:port=0": "port must be 1 to 65535",
             "tcp:host=a:port=70000": "port must be 1 to 65535",
             "tcp:host=a:port=1:colour=red": "unknown parameter 'colour'",
+            "tcp:host=a:port=1:timeout=5": "unknown parameter 'timeout'",
             "tcp:host=a:port=1:hostname=x": "unknown parameter 'hostname'",
             "tcp:a:1:2": "too many positional parts",
         }

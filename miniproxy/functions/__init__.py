@@ -6,5 +6,4 @@ The built-in proxy functions, and what every function is made of.
  - L{miniproxy.functions.discovery}: finding installed functions.
  - L{miniproxy.functions.splittcp}: the relay's TCP tuning.
  - L{miniproxy.functions.policy}: per-flow allow/deny, next hops, limits.
- - L{miniproxy.functions.cache}: how a cache function works (interface).
 """
