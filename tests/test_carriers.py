@@ -665,6 +665,17 @@ class WritingTests(unittest.TestCase):
         self.assertEqual(self.parse(driver.sentToServer())[1], b"early bytes later")
         self.assertEqual(driver.flow.bytesFromClient, len(b"early bytes later"))
 
+    def test_otherCarrier(self) -> None:
+        """
+        A carrier that is not in the stream (the TCP option) writes no
+        preamble.
+        """
+        to = NextHop.fromString("tcp:host=203.0.113.99:port=9000:carry=tcp-option")
+        driver = FlowHarness(to=to).accept()
+        driver.clientSends(b"x")
+        driver.connectOutgoing()
+        self.assertEqual(driver.sentToServer(), b"x")
+
     def test_beforeHookWrites(self) -> None:
         """
         The header comes before bytes a function writes when the leg
