@@ -745,7 +745,7 @@ class LimitTests(unittest.TestCase):
         """
         from twisted.internet import reactor, task
 
-        idle = 0.3
+        idle = 0.6
         net = Network(self)
         serverPort, servers = net.server(echo=True)
         proxy = yield net.startProxy(
@@ -754,14 +754,15 @@ class LimitTests(unittest.TestCase):
         client = yield net.connect(proxy.port)
         server = yield servers.nextPeer()
         start = reactor.seconds()
-        # Traffic every idle/3 seconds for twice the idle timeout (this is
-        # the traffic's pattern, not a wait for an event).
-        rounds = 6
+        # Traffic every idle/6 seconds for twice the idle timeout (this is
+        # the traffic's pattern, not a wait for an event; the margin lets a
+        # loaded machine be late).
+        rounds = 12
         for i in range(1, rounds + 1):
             client.transport.write(b"p")
             yield withTimeout(client.waitForBytes(i), 5, "the echo")
             if i < rounds:
-                yield task.deferLater(reactor, idle / 3, lambda: None)
+                yield task.deferLater(reactor, idle / 6, lambda: None)
         self.assertTrue(client.isConnected)
         self.assertGreater(reactor.seconds() - start, idle)
         self.assertEqual(proxy.closed, [])
