@@ -68,6 +68,8 @@ class Sizes:
     @ivar hookChunks: Chunks per run of the in-memory hook benchmark.
     @ivar hookRounds: Alternating runs with and without the no-op
         function, each.
+    @ivar rounds: Rounds of the throughput, short-flow and simultaneous
+        connection measurements over all peers; the best counts.
     """
 
     throughputSeconds: float = 5.0
@@ -81,6 +83,7 @@ class Sizes:
     hookFlows: int = 1000
     hookChunks: int = 10000
     hookRounds: int = 2
+    rounds: int = 2
 
 
 FULL = Sizes()
@@ -95,6 +98,7 @@ QUICK = Sizes(
     hookFlows=500,
     hookChunks=5000,
     hookRounds=1,
+    rounds=1,
 )
 
 #: Every measurement, in order.
@@ -191,56 +195,123 @@ def loadAverage() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
 
-def runPeer(bench: measure.Bench, peer: Peer, sizes: Sizes, measurements: Sequence[str],
-            out: Path, profile: bool, log: Callable[[str], None]) -> dict[str, Any]:
-    """
-    Every measurement of C{measurements} that applies to C{peer}.
-    """
-    results: dict[str, Any] = {"label": peer.label}
+#: The measurements that run in rounds, and how the best round is chosen:
+#: the one with the highest (C{max}) or lowest (C{min}) key.
+ROUNDED: dict[str, tuple[Callable[..., Any], Callable[[dict[str, Any]], float]]] = {
+    "throughput": (max, lambda r: r["gbps"]),
+    "shortFlows": (max, lambda r: r["flowsPerSecond"]),
+    "simultaneous": (min, lambda r: sum(
+        s["firstByteMeanMs"] if s["firstByteMeanMs"] is not None else float("inf")
+        for s in r.values())),
+}
 
-    def attempt(name: str, f: Callable[[], Any]) -> None:
-        if name not in measurements or not peer.takesPart(name):
-            return
-        started = time.monotonic()
-        try:
-            results[name] = f()
-        except Exception as e:  # a peer's failure is a result, not the end of the run
-            results[name] = {"error": f"{type(e).__name__}: {e}"}
-        log(f"  {peer.name}: {name} ({time.monotonic() - started:.1f} s)")
 
-    attempt("throughput", lambda: measure.throughput(bench, peer, sizes.throughputSeconds))
-    attempt("simultaneous", lambda: measure.simultaneous(
-        bench, peer, sizes.burstSizes, sizes.burstRepeats))
-    attempt("shortFlows", lambda: measure.shortFlows(
-        bench, peer, sizes.shortClients, sizes.shortSeconds))
-    attempt("idleMemory", lambda: measure.idleMemory(bench, peer, sizes.idlePairs))
-    attempt("coldStart", lambda: measure.coldStart(bench, peer, sizes.coldRuns))
-    if peer.name == MINIPROXY_ACCEPT.name:
-        attempt("startupImports", lambda: measure.startupImports(sizes.coldRuns))
-        attempt("pythonMemory", lambda: measure.pythonMemory(bench, sizes.idlePairs))
-        attempt("newListener", lambda: measure.newListener(bench, sizes.listenerRuns))
-        attempt("hookComparison", lambda: measure.hookComparison(
+def measureOne(bench: measure.Bench, peer: Peer, name: str, sizes: Sizes) -> Any:
+    """
+    Run the measurement C{name} once against C{peer}.
+    """
+    if name == "throughput":
+        return measure.throughput(bench, peer, sizes.throughputSeconds)
+    if name == "simultaneous":
+        return measure.simultaneous(bench, peer, sizes.burstSizes, sizes.burstRepeats)
+    if name == "shortFlows":
+        return measure.shortFlows(bench, peer, sizes.shortClients, sizes.shortSeconds)
+    if name == "idleMemory":
+        return measure.idleMemory(bench, peer, sizes.idlePairs)
+    if name == "coldStart":
+        return measure.coldStart(bench, peer, sizes.coldRuns)
+    if name == "startupImports":
+        return measure.startupImports(sizes.coldRuns)
+    if name == "pythonMemory":
+        return measure.pythonMemory(bench, sizes.idlePairs)
+    if name == "newListener":
+        return measure.newListener(bench, sizes.listenerRuns)
+    if name == "hookComparison":
+        return measure.hookComparison(
             bench, MINIPROXY_USERSPACE, MINIPROXY_NOOP, sizes.hookRounds, sizes.shortClients,
-            sizes.shortSeconds, sizes.throughputSeconds))
-        attempt("hookMicro", lambda: measure.hookMicro(bench, sizes.hookFlows,
-                                                       sizes.hookChunks))
-        if profile:
-            # Separate runs, so that sampling does not touch the figures above.
-            results["profiles"] = {}
-            for kind, f in (
-                ("shortFlows", lambda: measure.shortFlows(
-                    bench, peer, sizes.shortClients, sizes.shortSeconds,
-                    profileTo=out / "profile-shortflows.txt")),
-                ("throughput", lambda: measure.throughput(
-                    bench, peer, sizes.throughputSeconds,
-                    profileTo=out / "profile-throughput.txt")),
-            ):
+            sizes.shortSeconds, sizes.throughputSeconds)
+    if name == "hookMicro":
+        return measure.hookMicro(bench, sizes.hookFlows, sizes.hookChunks)
+    raise ValueError(name)
+
+
+#: The measurements only miniproxy (C{miniproxy-accept}) takes part in.
+MINIPROXY_ONLY = ("startupImports", "pythonMemory", "newListener", "hookComparison",
+                  "hookMicro")
+
+
+def takesPart(peer: Peer, name: str) -> bool:
+    """
+    Whether C{peer} is measured by C{name}.
+    """
+    if name in MINIPROXY_ONLY:
+        return peer.name == MINIPROXY_ACCEPT.name
+    return peer.takesPart(name)
+
+
+def runMeasurements(bench: measure.Bench, peers: Sequence[Peer], sizes: Sizes,
+                    measurements: Sequence[str], results: dict[str, dict[str, Any]],
+                    log: Callable[[str], None]) -> None:
+    """
+    Run each measurement against every peer in turn, measurement by
+    measurement, so that the peers compared in one table are measured
+    close together in time.  The measurements of L{ROUNDED} run
+    C{sizes.rounds} times over all peers; the best round of each peer
+    counts, and every round is kept under C{rounds}.
+    """
+    for name in MEASUREMENTS:
+        if name not in measurements:
+            continue
+        rounds = sizes.rounds if name in ROUNDED else 1
+        for round in range(rounds):
+            for peer in peers:
+                if "error" in results[peer.name] or not takesPart(peer, name):
+                    continue
+                started = time.monotonic()
                 try:
-                    results["profiles"][kind] = f().get("profile")
-                except Exception as e:
-                    results["profiles"][kind] = {"error": f"{type(e).__name__}: {e}"}
-                log(f"  {peer.name}: profile of {kind}")
-    return results
+                    result = measureOne(bench, peer, name, sizes)
+                except Exception as e:  # a peer's failure is a result, not the end
+                    result = {"error": f"{type(e).__name__}: {e}"}
+                log(f"{name} {round + 1}/{rounds}: {peer.name} "
+                    f"({time.monotonic() - started:.1f} s)")
+                if rounds == 1:
+                    results[peer.name][name] = result
+                else:
+                    results[peer.name].setdefault(f"{name}Rounds", []).append(result)
+        if rounds > 1:
+            pick, key = ROUNDED[name]
+            for peer in peers:
+                every = results[peer.name].pop(f"{name}Rounds", None)
+                if not every:
+                    continue
+                good = [r for r in every if isinstance(r, dict) and "error" not in r]
+                best = dict(pick(good, key=key)) if good else dict(every[-1])
+                best["rounds"] = [key(r) if r in good else r for r in every]
+                results[peer.name][name] = best
+
+
+def runProfiles(bench: measure.Bench, sizes: Sizes, out: Path,
+                log: Callable[[str], None]) -> dict[str, Any]:
+    """
+    Sample miniproxy with py-spy during a short-flow run and a throughput
+    run of their own (so that sampling touches no other figure).
+    """
+    profiles: dict[str, Any] = {}
+    peer = MINIPROXY_ACCEPT
+    for kind, f in (
+        ("shortFlows", lambda: measure.shortFlows(
+            bench, peer, sizes.shortClients, sizes.shortSeconds,
+            profileTo=out / "profile-shortflows.txt")),
+        ("throughput", lambda: measure.throughput(
+            bench, peer, sizes.throughputSeconds,
+            profileTo=out / "profile-throughput.txt")),
+    ):
+        try:
+            profiles[kind] = f().get("profile")
+        except Exception as e:
+            profiles[kind] = {"error": f"{type(e).__name__}: {e}"}
+        log(f"profile of {kind}: {peer.name}")
+    return profiles
 
 
 def hookOverhead(peers: dict[str, Any]) -> dict[str, Any] | None:
@@ -312,13 +383,14 @@ def runAll(out: Path, sizes: Sizes = FULL, peers: Sequence[Peer] = PEERS,
         try:
             for peer in peers:
                 missing = peer.missing()
+                results["peers"][peer.name] = {"label": peer.label}
                 if missing:
-                    results["peers"][peer.name] = {
-                        "label": peer.label, "error": f"not installed: {', '.join(missing)}"}
-                    continue
-                log(f"{peer.name}:")
-                results["peers"][peer.name] = runPeer(
-                    bench, peer, sizes, measurements, out, profile, log)
+                    results["peers"][peer.name]["error"] = (
+                        f"not installed: {', '.join(missing)}")
+            runMeasurements(bench, peers, sizes, measurements, results["peers"], log)
+            if profile and MINIPROXY_ACCEPT in peers:
+                results["peers"][MINIPROXY_ACCEPT.name]["profiles"] = runProfiles(
+                    bench, sizes, out, log)
         finally:
             bench.close()
     results["loadAfter"] = loadAverage()

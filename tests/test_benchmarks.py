@@ -92,6 +92,46 @@ class ParsingTests(unittest.TestCase):
             self.assertIn(f"option {option}\n", spliced)
 
 
+class RoundsTests(unittest.TestCase):
+    """
+    L{run.runMeasurements} runs measurement by measurement, in rounds over
+    every peer, and keeps each peer's best round.
+    """
+
+    def test_bestRound(self) -> None:
+        """
+        Throughput runs in rounds over all peers in order; the highest
+        rate counts and every round's is kept; a measurement without
+        rounds runs once per peer; a peer that fails keeps its error.
+        """
+        calls: list[tuple[str, str]] = []
+        rates = {"direct": iter([3.0, 5.0]), "haproxy": iter([2.0, 1.0])}
+
+        def measureOne(bench: object, peer: peers.Peer, name: str, sizes: object) -> object:
+            calls.append((name, peer.name))
+            if name == "throughput":
+                return {"gbps": next(rates[peer.name])}
+            if peer.name == "haproxy":
+                raise RuntimeError("no memory")
+            return {"rss": 1}
+
+        self.patch(run, "measureOne", measureOne)
+        results: dict = {"direct": {"label": "d"}, "haproxy": {"label": "h"}}
+        run.runMeasurements(
+            None, (peers.DIRECT, peers.HAPROXY), run.Sizes(rounds=2),  # type: ignore[arg-type]
+            ("throughput", "idleMemory"), results, lambda line: None)
+        self.assertEqual(calls, [
+            ("throughput", "direct"), ("throughput", "haproxy"),
+            ("throughput", "direct"), ("throughput", "haproxy"),
+            ("idleMemory", "direct"), ("idleMemory", "haproxy"),
+        ])
+        self.assertEqual(results["direct"]["throughput"], {"gbps": 5.0, "rounds": [3.0, 5.0]})
+        self.assertEqual(results["haproxy"]["throughput"], {"gbps": 2.0, "rounds": [2.0, 1.0]})
+        self.assertEqual(results["direct"]["idleMemory"], {"rss": 1})
+        self.assertEqual(results["haproxy"]["idleMemory"],
+                         {"error": "RuntimeError: no memory"})
+
+
 TINY = run.Sizes(
     throughputSeconds=1.0,
     burstSizes=(5, 10),
@@ -104,6 +144,7 @@ TINY = run.Sizes(
     hookFlows=20,
     hookChunks=100,
     hookRounds=1,
+    rounds=1,
 )
 
 
