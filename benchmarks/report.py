@@ -441,17 +441,23 @@ def plot(results: dict[str, Any], out: Path) -> list[str]:
     names = [n for n in peers if "label" in peers[n]]
     figs = {n: figures(peers[n], largest) for n in names}
     panels = [
-        ("throughputGbps", "single-flow throughput, Gbit/s"),
-        ("shortFlowsPerSecond", "short flows per second"),
-        ("memoryKiBPerPair", "memory per idle pair, KiB"),
-        ("coldStartMs", "cold start, ms"),
+        ("throughputGbps", "single-flow throughput, Gbit/s", False),
+        ("shortFlowsPerSecond", "short flows per second", False),
+        ("memoryPssKiBPerPair", "memory per idle pair, KiB (PSS, log scale)", True),
+        ("coldStartMs", "cold start, ms (log scale)", True),
     ]
-    fig, axes = plt.subplots(1, len(panels), figsize=(18, 4.5))
-    for ax, (key, title) in zip(axes, panels):
+    fig, grid = plt.subplots(2, 2, figsize=(14, 8))
+    for ax, (key, title, log) in zip(grid.flat, panels):
         shown = [(peers[n]["label"], figs[n][key]) for n in names if figs[n][key] is not None]
         ax.barh([s[0] for s in shown], [s[1] for s in shown],
                 color=["tab:red" if "miniproxy" in s[0] else "tab:blue" for s in shown])
         ax.set_title(title)
+        if log:
+            from matplotlib.ticker import NullFormatter, ScalarFormatter
+
+            ax.set_xscale("log")
+            ax.xaxis.set_major_formatter(ScalarFormatter())
+            ax.xaxis.set_minor_formatter(NullFormatter())
         ax.invert_yaxis()
         ax.tick_params(axis="y", labelsize=8)
         ax.grid(True, axis="x", alpha=0.3)
