@@ -79,17 +79,16 @@ def originalDestination(transport: Any) -> HostPort:
     IPv4-mapped, C{::ffff:a.b.c.d}) is IPv4: its conntrack entry is asked
     for at C{SOL_IP}, and the destination is given as the IPv4 address.
     """
+    # fromAddress gives an IPv4-mapped address as the IPv4 address it is.
     host = HostPort.fromAddress(transport.getHost())
     ip = host.ipAddress()
-    mapped = getattr(ip, "ipv4_mapped", None)
-    if mapped is not None:
-        host = HostPort(str(mapped), host.port)
+    isIPv4 = ip is not None and ip.version == 4
     handle = getattr(transport, "getHandle", None)
     if handle is None:
         return host
     sock = handle()
     try:
-        if sock.family == socket.AF_INET or mapped is not None:
+        if sock.family == socket.AF_INET or isIPv4:
             # struct sockaddr_in: family, port (big-endian), address.
             raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
             port, packed = struct.unpack_from("!2xH4s", raw)
