@@ -37,6 +37,7 @@ from miniproxy.testbed.delayline import (
     Shaper,
     _parse,
     forwarderArguments,
+    nextWait,
     openTun,
     readLine,
 )
@@ -405,6 +406,51 @@ class ShaperTests(unittest.TestCase):
         self.assertNotEqual(first, lost("t"))
         self.assertLess(abs(sum(first) - 1000), 5 * (10_000 * 0.1 * 0.9) ** 0.5)
         self.assertTrue(all(Shaper(Direction(loss=1.0)).admit(i, 1) < 0 for i in range(100)))
+
+
+class NextWaitTests(unittest.TestCase):
+    """
+    L{nextWait}: sleep until shortly before a release, poll only for the
+    last stretch.
+    """
+
+    @given(
+        st.integers(0, 10**8),
+        st.integers(0, 10**6),
+        st.lists(st.tuples(st.booleans(), st.floats(0, 1), st.integers(1, 50_000)), max_size=60),
+    )
+    def test_pollsOnlyBeforeRelease(
+        self, distance: int, spin: int, wakes: list[tuple[bool, float, int]]
+    ) -> None:
+        """
+        Whatever wakes the forwarder (its timeout, late, or a packet,
+        early), it never waits past the release, and it polls (waits 0)
+        only within C{spin} of it; without C{spin}, it waits exactly until
+        the release.
+        """
+        now, head, spinningFor = 10**9, 10**9 + distance, -1
+        for packet, fraction, lateness in wakes:
+            if now >= head:
+                break
+            pause, spinningFor = nextWait(head, now, spin, spinningFor)
+            self.assertGreaterEqual(pause, 0)
+            self.assertLessEqual(now + pause, head)
+            if pause == 0:
+                self.assertLessEqual(head - now, spin)
+            if spin == 0:
+                self.assertEqual(pause, head - now)
+            # A packet cuts the wait short; a timeout comes late.
+            now += int(pause * fraction) if packet else pause + (lateness if pause else 1)
+        self.assertEqual(nextWait(head, head + 5, spin, spinningFor)[0], 0)
+
+    def test_shortWaitSlept(self) -> None:
+        """
+        A wait shorter than twice the spin is slept whole: under load the
+        forwarder does not poll between packets.
+        """
+        self.assertEqual(nextWait(1000, 0, 600, -1), (1000, -1))
+        self.assertEqual(nextWait(1000, 0, 400, -1), (600, 1000))
+        self.assertEqual(nextWait(1000, 600, 400, 1000), (0, 1000))
 
 
 def packetPair() -> tuple[socket.socket, socket.socket]:

@@ -116,7 +116,7 @@ DEFAULT_NICE = -10
 DEFAULT_REALTIME = 1
 #: Microseconds the forwarder polls before a release it slept for (see
 #: L{Forwarder}).
-DEFAULT_SPIN_US = 150
+DEFAULT_SPIN_US = 300
 #: Seconds the parent waits for the forwarder to report readiness.
 READY_TIMEOUT = 10.0
 #: The packets a TUN device holds for the forwarder to read (its
@@ -292,6 +292,31 @@ class _Way:
         return counters
 
 
+def nextWait(head: int, now: int, spin: int, spinningFor: int) -> tuple[int, int]:
+    """
+    How long the forwarder waits for input before its next release.
+
+    It sleeps until C{spin} before a release, then polls (waits 0) until
+    the release is due; a wait shorter than twice C{spin} is slept whole.
+    Woken early by a packet, it goes back to sleep: it polls only in the
+    last C{spin} before a release it slept for.
+
+    @param head: When the next release is due (ns).
+    @param now: The time (ns).
+    @param spin: How long to poll before a release (ns); 0: never.
+    @param spinningFor: The release the last sleep was cut short for.
+    @return: The wait (ns), and the new C{spinningFor}.
+    """
+    remaining = head - now
+    if remaining <= 0:
+        return 0, spinningFor
+    if head == spinningFor and remaining <= spin:
+        return 0, spinningFor
+    if spin and remaining > spin and (head == spinningFor or remaining > 2 * spin):
+        return remaining - spin, head
+    return remaining, spinningFor
+
+
 class _Stop(Exception):
     """
     A signal asked the forwarder to stop.
@@ -418,7 +443,6 @@ class Forwarder:
         control = self.control
         readable = [a, b] if control is None else [a, b, control]
         clock = self.clock
-        wait = select.select
         spin = self.spin
         # The release time the forwarder woke up early for, to poll until.
         spinningFor = -1
@@ -437,17 +461,11 @@ class Forwarder:
                     head = ba.times[0]
                 timeout: float | None
                 if head >= 0:
-                    remaining = head - clock()
-                    if remaining <= 0 or head == spinningFor:
-                        timeout = 0.0
-                    elif spin and remaining > 2 * spin:
-                        timeout = (remaining - spin) / _NS_PER_SECOND
-                        spinningFor = head
-                    else:
-                        timeout = remaining / _NS_PER_SECOND
+                    pause, spinningFor = nextWait(head, clock(), spin, spinningFor)
+                    timeout = pause / _NS_PER_SECOND
                 else:
                     timeout = None if until is None else 0.05
-                ready = wait(readable, (), (), timeout)[0]
+                ready = select.select(readable, (), (), timeout)[0]
                 if not ready:
                     continue
                 if a in ready:
