@@ -40,12 +40,12 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.trial import unittest
 
-from miniproxy.testbed.delayline import DEFAULT_REALTIME
 from miniproxy.testbed.capture import CapturedPacket, PacketCapture, synFilter
+from miniproxy.testbed.delayline import DEFAULT_REALTIME, readLine
 from miniproxy.testbed.netns import Namespace, NetnsError, namespacesUnavailable, pollUntil
 from miniproxy.testbed.topology import CLIENT_SIDE, SERVER_SIDE, LineTopology
 from miniproxy.wire.packet import ACK, SYN
-from tests.test_delayline import closePipes, readLine, startHelper
+from tests.test_delayline import closePipes, startHelper
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _log = Logger(namespace="esf-timing")

@@ -21,7 +21,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from twisted.trial import unittest
 
-from miniproxy.testbed import delayline, topology
+from miniproxy.testbed import topology
 from miniproxy.testbed.delayline import DEFAULT_QUEUE, DelayLine, Direction, readLine
 from miniproxy.testbed.netns import (
     NetnsError,

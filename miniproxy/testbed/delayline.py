@@ -32,7 +32,12 @@ release times are nondecreasing in each direction: each direction's timer
 queue is a FIFO (a heap whose order comes free), and the forwarder waits in
 C{select(2)} with a timeout computed from the earliest head, with a
 timer slack of 1 ns (C{PR_SET_TIMERSLACK}).  C{select} because its timeout
-has microsecond resolution, where C{epoll_wait}'s is a millisecond.
+has microsecond resolution, where C{epoll_wait}'s is a millisecond.  Waking
+up takes from tens of microseconds to a millisecond on a busy virtual
+machine, so the forwarder sleeps until shortly before a release and polls
+for the last stretch (L{nextWait}, C{--spin-us}); it runs with C{SCHED_FIFO}
+priority when allowed, as netem runs in a softirq, ahead of the processes
+whose packets it carries.
 
 The forwarder reports C{ready {...}} on its standard output once both
 devices exist, answers C{stats} on its standard input with a C{stats
@@ -111,11 +116,12 @@ READ_SIZE = 65535
 DEFAULT_NICE = -10
 #: The forwarder's C{SCHED_FIFO} priority (0: the normal scheduler).  Like
 #: netem in a softirq, it runs as soon as a timer expires or a packet
-#: comes, whatever else the machine does; it never spins, and the kernel's
-#: real-time throttling bounds it anyway.
+#: comes, whatever else the machine does.  It polls only for
+#: L{DEFAULT_SPIN_US} before a release, and the kernel's real-time
+#: throttling bounds it anyway.
 DEFAULT_REALTIME = 1
 #: Microseconds the forwarder polls before a release it slept for (see
-#: L{Forwarder}).
+#: L{nextWait}).
 DEFAULT_SPIN_US = 300
 #: Seconds the parent waits for the forwarder to report readiness.
 READY_TIMEOUT = 10.0
@@ -304,7 +310,8 @@ def nextWait(head: int, now: int, spin: int, spinningFor: int) -> tuple[int, int
     @param head: When the next release is due (ns).
     @param now: The time (ns).
     @param spin: How long to poll before a release (ns); 0: never.
-    @param spinningFor: The release the last sleep was cut short for.
+    @param spinningFor: The release it last went to sleep for (to wake up
+        C{spin} before it); -1: none.
     @return: The wait (ns), and the new C{spinningFor}.
     """
     remaining = head - now
