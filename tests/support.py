@@ -200,13 +200,15 @@ class Peer(Protocol):
         The other side sent a FIN.
         """
         self.sawEOF = True
-        if self.echo:
-            self.transport.loseWriteConnection()  # type: ignore[union-attr]
-        self._closeIfDone()
+        # Fire eof first: closing (when our write side is shut already)
+        # runs connectionLost at once, which would fail a pending eof.
         if not self.eof.called:
             self.eof.callback(self)
         if not self.ended.called:
             self.ended.callback(self)
+        if self.echo:
+            self.transport.loseWriteConnection()  # type: ignore[union-attr]
+        self._closeIfDone()
 
     def writeConnectionLost(self) -> None:
         """
