@@ -27,13 +27,16 @@ from twisted.logger import Logger
 from miniproxy.address import HostPort
 from miniproxy.flow import Flow, Moment
 from miniproxy.limits import Limits
-from miniproxy.syntap import SynTap
+from miniproxy.syntap import READ_BATCH, SynTap, workerOf
 from miniproxy.wire.packet import TCPSegment
 
 _log = Logger(namespace="miniproxy.earlysyn")
 
 #: Seconds between two log lines about SYNs over the pending bounds.
 OVERFLOW_LOG_INTERVAL = 10.0
+
+#: Batches of L{READ_BATCH} SYNs an accept drains from a tap at most.
+DRAIN_BATCHES = 4
 
 
 def _canonical(host: str | None) -> str | None:
@@ -91,6 +94,9 @@ class EarlySyns:
     @ivar expired: Handshakes that never completed.
     @ivar available: L{False} once the tap could not be opened (no
         C{CAP_NET_RAW}).
+    @ivar share: C{(index, workers)} in a worker process: this worker
+        begins flows only for the SYNs of the connections the kernel
+        steers to it (see L{miniproxy.syntap.workerOf}); L{None} alone.
     """
 
     def __init__(
@@ -98,9 +104,11 @@ class EarlySyns:
         reactor: Any,
         limits: Limits,
         makeTap: Callable[..., SynTap] = SynTap,
+        share: tuple[int, int] | None = None,
     ) -> None:
         self.reactor = reactor
         self.limits = limits
+        self.share = share
         self._makeTap = makeTap
         self._targets: list[_Target] = []
         self._taps: dict[int, SynTap] = {}
@@ -134,7 +142,10 @@ class EarlySyns:
             tap = self._taps.get(family)
             try:
                 if tap is None:
-                    tap = self._makeTap(self.reactor, family, allPorts, self.synArrived)
+                    extra = {} if self.share is None else {"share": self.share}
+                    tap = self._makeTap(
+                        self.reactor, family, allPorts, self.synArrived, **extra
+                    )
                     tap.start()
                     self._taps[family] = tap
                 else:
@@ -176,6 +187,10 @@ class EarlySyns:
             (t for t in self._targets if t.matches(segment.destination)), None
         )
         if target is None:
+            return
+        share = self.share
+        if share is not None and workerOf(segment.source.port, share[1]) != share[0]:
+            # Another worker accepts it.
             return
         client = canonicalEndpoint(segment.source)
         if client in self.pending:
@@ -240,12 +255,38 @@ class EarlySyns:
 
     # -- accept ------------------------------------------------------------
 
+    def drain(self) -> None:
+        """
+        Handle the SYNs still queued in the taps now.
+
+        The kernel hands a SYN to the tap before TCP sees it, so when a
+        connection is accepted its SYN was read already or is queued: an
+        accept that finds no flow begun at its SYN drains the taps first.
+        Otherwise, when the listener is read before the tap in one reactor
+        wake-up, the flow would begin at accept and the SYN, read next,
+        would begin a second one (with an outgoing leg no one ever uses).
+        """
+        for tap in list(self._taps.values()):
+            readQueued = getattr(tap, "readQueued", None)
+            if readQueued is None:
+                continue
+            for _ in range(DRAIN_BATCHES):
+                if readQueued() < READ_BATCH:
+                    break
+
     def isPending(self, client: HostPort) -> bool:
         """
         Whether a flow from C{client} was begun at its SYN and waits for
-        accept (so it was admitted already).
+        accept (so it was admitted already).  The taps are drained first
+        if it is not (see L{drain}).
         """
-        return canonicalEndpoint(client) in self.pending
+        client = canonicalEndpoint(client)
+        if client in self.pending:
+            return True
+        if not self._taps:
+            return False
+        self.drain()
+        return client in self.pending
 
     def claim(self, client: HostPort, local: HostPort) -> Flow | None:
         """
@@ -256,6 +297,9 @@ class EarlySyns:
         """
         client = canonicalEndpoint(client)
         entry = self.pending.get(client)
+        if entry is None and self._taps:
+            self.drain()
+            entry = self.pending.get(client)
         if entry is None:
             return None
         flow, timer = entry

@@ -51,14 +51,56 @@ _SYN_ONLY = 0x02
 #: Segments read per wake-up at most, so a flood cannot starve the reactor.
 READ_BATCH = 256
 
+_MUL_K = 0x24
+_RSH_K = 0x74
+_MOD_K = 0x94
 
-def synFilter(ports: Iterable[int], withIPHeader: bool) -> list[tuple[int, int, int, int]]:
+#: The multiplier of the hash that steers a connection to one of several
+#: workers by its client port (Fibonacci hashing: consecutive or evenly
+#: spaced ports, as Linux hands out to C{connect()}, spread evenly).
+STEERING_MULTIPLIER = 0x9E3779B1
+
+
+def workerOf(clientPort: int, workers: int) -> int:
+    """
+    The worker (0 to C{workers - 1}) a connection from C{clientPort} is
+    steered to.  The kernel computes the same, in the C{SO_REUSEPORT}
+    program of L{miniproxy.workers}, and each worker's tap the same again
+    (L{synFilter} with C{share}), so a worker begins early flows only for
+    the connections it will accept.
+
+    @param clientPort: The client's TCP port.
+    @param workers: How many workers share the listener.
+    """
+    return (((clientPort * STEERING_MULTIPLIER) & 0xFFFFFFFF) >> 16) % workers
+
+
+def steeringInstructions(workers: int) -> list[tuple[int, int, int, int]]:
+    """
+    The classic BPF instructions that turn a client port in the
+    accumulator into its worker (L{workerOf}), left in the accumulator.
+    """
+    return [
+        (_MUL_K, 0, 0, STEERING_MULTIPLIER),
+        (_RSH_K, 0, 0, 16),
+        (_MOD_K, 0, 0, workers),
+    ]
+
+
+def synFilter(
+    ports: Iterable[int],
+    withIPHeader: bool,
+    share: tuple[int, int] | None = None,
+) -> list[tuple[int, int, int, int]]:
     """
     A classic BPF program that accepts SYNs (no ACK, no RST) to C{ports}.
 
     @param withIPHeader: Whether packets start with an IPv4 header (an
         C{AF_INET} raw socket); an C{AF_INET6} raw socket gets the TCP
         header first.
+    @param share: C{(index, workers)}: accept only the SYNs of the
+        connections steered to worker C{index} of C{workers} (see
+        L{workerOf}); L{None} for all of them.
     @return: The instructions as C{(code, jt, jf, k)}.
     """
     ports = sorted(set(ports))
@@ -67,9 +109,9 @@ def synFilter(ports: Iterable[int], withIPHeader: bool) -> list[tuple[int, int, 
     program: list[tuple[int, int, int, int]] = []
     if withIPHeader:
         program.append((_LDX_B_MSH, 0, 0, 0))  # X = IPv4 header length
-        flags, port = (_LD_B_IND, 13), (_LD_H_IND, 2)
+        flags, port, source = (_LD_B_IND, 13), (_LD_H_IND, 2), (_LD_H_IND, 0)
     else:
-        flags, port = (_LD_B_ABS, 13), (_LD_H_ABS, 2)
+        flags, port, source = (_LD_B_ABS, 13), (_LD_H_ABS, 2), (_LD_H_ABS, 0)
     n = len(ports)
     program += [
         (flags[0], 0, 0, flags[1]),
@@ -78,8 +120,14 @@ def synFilter(ports: Iterable[int], withIPHeader: bool) -> list[tuple[int, int, 
         (port[0], 0, 0, port[1]),
     ]
     for i, p in enumerate(ports):
-        program.append((_JEQ_K, n - i, 0, p))  # to "accept"
-    program += [(_RET_K, 0, 0, 0), (_RET_K, 0, 0, 0xFFFF)]
+        program.append((_JEQ_K, n - i, 0, p))  # past "drop"
+    program.append((_RET_K, 0, 0, 0))
+    if share is not None:
+        index, workers = share
+        program.append((source[0], 0, 0, source[1]))
+        program += steeringInstructions(workers)
+        program += [(_JEQ_K, 1, 0, index), (_RET_K, 0, 0, 0)]
+    program.append((_RET_K, 0, 0, 0xFFFF))
     return program
 
 
@@ -109,12 +157,22 @@ class SynTap(SocketReader):
         ports: Iterable[int],
         onSyn: Callable[[TCPSegment], None],
         receiveBuffer: int = 4 * 1024 * 1024,
+        share: tuple[int, int] | None = None,
     ) -> None:
+        """
+        @param family: C{AF_INET} or C{AF_INET6}.
+        @param ports: The destination ports to tap.
+        @param onSyn: Called with each SYN.
+        @param receiveBuffer: The raw socket's receive buffer, in bytes.
+        @param share: C{(index, workers)}: report only the SYNs of the
+            connections steered to this worker (see L{synFilter}).
+        """
         super().__init__(reactor)
         self.family = family
         self.ports = frozenset(ports)
         self.onSyn = onSyn
         self.receiveBuffer = receiveBuffer
+        self.share = share
         self.seen = 0
         self.malformed = 0
 
@@ -127,7 +185,9 @@ class SynTap(SocketReader):
         """
         sock = socket.socket(self.family, socket.SOCK_RAW, socket.IPPROTO_TCP)
         try:
-            attachFilter(sock, synFilter(self.ports, self.family == socket.AF_INET))
+            attachFilter(
+                sock, synFilter(self.ports, self.family == socket.AF_INET, self.share)
+            )
             if self.family == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVPKTINFO, 1)
             try:
@@ -147,30 +207,46 @@ class SynTap(SocketReader):
         """
         self.ports = frozenset(ports)
         if self._sock is not None:
-            attachFilter(self._sock, synFilter(self.ports, self.family == socket.AF_INET))
+            attachFilter(
+                self._sock, synFilter(self.ports, self.family == socket.AF_INET, self.share)
+            )
 
     def doRead(self) -> None:
         """
         Read the queued SYNs, at most L{READ_BATCH} per call.
         """
+        self.readQueued()
+
+    def readQueued(self, limit: int = READ_BATCH) -> int:
+        """
+        Read the queued SYNs now, at most C{limit}: also called outside the
+        reactor's wake-ups, by an accept that must see its SYN first.
+
+        @return: How many segments were read (C{limit}: more may be
+            queued).
+        """
         sock = self._sock
-        for _ in range(READ_BATCH):
+        share = self.share
+        read = 0
+        while read < limit:
             if sock is None:
-                return
+                break
             try:
+                read += 1
                 if self.family == socket.AF_INET:
-                    packet = sock.recv(65535)
-                    segment = parseIP(packet)
+                    segment = parseIP(sock.recv(65535))
                 else:
                     segment = self._readIPv6(sock)
             except OSError as e:
                 if e.errno in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR):
-                    return
+                    return read - 1
                 raise
             except MalformedInput:
                 self.malformed += 1
                 continue
             if not segment.isSyn or segment.destination.port not in self.ports:
+                continue
+            if share is not None and workerOf(segment.source.port, share[1]) != share[0]:
                 continue
             self.seen += 1
             try:
@@ -178,6 +254,7 @@ class SynTap(SocketReader):
             except Exception:
                 _log.failure("SYN handler failed for {segment}", segment=segment)
             sock = self._sock
+        return read
 
     def _readIPv6(self, sock: socket.socket) -> TCPSegment:
         data, ancillary, _flags, source = sock.recvmsg(65535, socket.CMSG_SPACE(20))

@@ -16,6 +16,7 @@ from twisted.trial import unittest
 
 from miniproxy.address import HostPort, NextHop
 from miniproxy.earlysyn import EarlySyns, canonicalEndpoint, sameEndpoint
+from miniproxy.syntap import READ_BATCH, workerOf
 from miniproxy.flow import ConnectMode, Moment, Outcome
 from miniproxy.flowtable import FlowTable
 from miniproxy.limits import Limits
@@ -223,6 +224,141 @@ class EarlySynsTests(unittest.TestCase):
         self.assertFalse(early.available)
         messages = [e for e in events if "CAP_NET_RAW" in e.get("log_format", "")]
         self.assertEqual(len(messages), 1)
+
+
+class QueuedTap(FakeTap):
+    """
+    A tap with SYNs queued in its socket, delivered when it is read.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.queue: list[TCPSegment] = []
+        self.reads = 0
+
+    def readQueued(self, limit: int = READ_BATCH) -> int:
+        self.reads += 1
+        batch, self.queue = self.queue[:limit], self.queue[limit:]
+        for segment in batch:
+            self.onSyn(segment)
+        return len(batch)
+
+
+class DrainTests(unittest.TestCase):
+    """
+    An accept that finds no flow begun at its SYN reads the SYNs still
+    queued in the taps first, so one connection never begins two flows.
+    """
+
+    def setUp(self) -> None:
+        self.reactor = MemoryReactorClock()
+        self.taps: list[QueuedTap] = []
+        limits = Limits(maxPendingSynsPerSource=1000)
+        self.early = EarlySyns(self.reactor, limits, makeTap=self.makeTap)
+        self.table = FlowTable(10000, 10000)
+        self.dialer = FakeDialer(self.reactor, 10)
+        context = ListenerContext(
+            self.reactor,
+            ListenerSettings(endpoint="tcp:8080", mode=ConnectMode.EARLY,
+                             to=NextHop(HostPort("127.0.0.1", 9000))),
+            limits, (), self.table, dialer=self.dialer,
+        )
+        context.early = self.early
+        self.early.register(context, "127.0.0.1", {8080})
+
+    def makeTap(self, *args: Any, **kwargs: Any) -> QueuedTap:
+        tap = QueuedTap(*args, **kwargs)
+        self.taps.append(tap)
+        return tap
+
+    def test_claimDrains(self) -> None:
+        """
+        The SYN of an accepted connection still queued in the tap (the
+        reactor read the listener first) is read at the accept, and the
+        accept claims the flow it began: one flow, one outgoing leg.
+        """
+        [tap] = self.taps
+        client = HostPort("127.0.0.1", 50000)
+        tap.queue.append(syn(client))
+        self.assertTrue(self.early.isPending(client))
+        flow = self.early.claim(client, LOCAL)
+        self.assertIsNotNone(flow)
+        self.assertEqual(list(self.table.flows), [flow])
+        self.assertEqual(len(self.dialer.attempts), 1)
+
+    def test_drainsEveryBatch(self) -> None:
+        """
+        A claim drains full batches until the tap is empty (within
+        L{DRAIN_BATCHES}), so a SYN behind a burst is found too.
+        """
+        [tap] = self.taps
+        clients = [HostPort("127.0.0.1", 10000 + i) for i in range(READ_BATCH + 10)]
+        tap.queue.extend(syn(c) for c in clients)
+        self.assertIsNotNone(self.early.claim(clients[-1], LOCAL))
+        self.assertEqual(tap.queue, [])
+        self.assertEqual(tap.reads, 2)
+
+    def test_noDrainWhenPending(self) -> None:
+        """
+        A claim that finds its flow reads nothing more: the common case
+        costs no system call.
+        """
+        [tap] = self.taps
+        client = HostPort("127.0.0.1", 50000)
+        self.early.synArrived(syn(client))
+        self.assertTrue(self.early.isPending(client))
+        self.assertIsNotNone(self.early.claim(client, LOCAL))
+        self.assertEqual(tap.reads, 0)
+
+    def test_missDrainsOnce(self) -> None:
+        """
+        A connection with no SYN anywhere (the tap dropped it) begins at
+        accept, after one empty read of the tap.
+        """
+        [tap] = self.taps
+        self.assertIsNone(self.early.claim(HostPort("127.0.0.1", 50000), LOCAL))
+        self.assertEqual(tap.reads, 1)
+        self.assertEqual(self.table.flows, set())
+
+
+class ShareTests(unittest.TestCase):
+    """
+    In a worker, L{EarlySyns} begins flows only for the SYNs of the
+    connections the kernel steers to that worker.
+    """
+
+    def test_share(self) -> None:
+        """
+        Of two workers' L{EarlySyns}, each begins the flows of exactly the
+        client ports L{workerOf} gives it, and its tap is made with the
+        share.
+        """
+        began = []
+        for index in range(2):
+            reactor = MemoryReactorClock()
+            taps: list[Any] = []
+
+            def makeTap(*args: Any, **kwargs: Any) -> FakeTap:
+                taps.append(kwargs)
+                return FakeTap(*args)
+
+            early = EarlySyns(reactor, Limits(), makeTap=makeTap, share=(index, 2))
+            table = FlowTable(10000, 10000)
+            context = ListenerContext(
+                reactor,
+                ListenerSettings(endpoint="tcp:8080", mode=ConnectMode.EARLY,
+                                 to=NextHop(HostPort("127.0.0.1", 9000))),
+                Limits(), (), table, dialer=FakeDialer(reactor, 10),
+            )
+            early.register(context, "127.0.0.1", {8080})
+            self.assertEqual(taps, [{"share": (index, 2)}])
+            for port in range(40000, 40040, 2):
+                early.synArrived(syn(HostPort("127.0.0.1", port)))
+            ports = sorted(c.port for c in early.pending)
+            self.assertEqual(ports, [p for p in range(40000, 40040, 2) if workerOf(p, 2) == index])
+            began.append(ports)
+        self.assertEqual(sorted(began[0] + began[1]), list(range(40000, 40040, 2)))
+        self.assertTrue(began[0] and began[1])
 
 
 class ExplicitDestinationTests(unittest.TestCase):

@@ -15,7 +15,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import MemoryReactor
 from twisted.trial import unittest
 
-from miniproxy.syntap import SynTap, synFilter
+from miniproxy.syntap import SynTap, synFilter, workerOf
 from miniproxy.wire.packet import ACK, RST, SYN, TCPSegment
 from tests.test_wire_packet import ipv4, tcp
 
@@ -43,6 +43,12 @@ def runFilter(program: list[tuple[int, int, int, int]], packet: bytes) -> int:
             a = struct.unpack_from("!H", packet, i)[0]
         elif code == 0x54:
             a &= k
+        elif code == 0x24:
+            a = (a * k) & 0xFFFFFFFF
+        elif code == 0x74:
+            a >>= k
+        elif code == 0x94:
+            a %= k
         elif code == 0x15:
             pc += jt if a == k else jf
         elif code == 0x06:
@@ -82,6 +88,35 @@ class SynFilterTests(unittest.TestCase):
     def test_noPorts(self) -> None:
         with self.assertRaises(ValueError):
             synFilter([], True)
+
+    @given(
+        st.integers(1, 65535),
+        st.integers(1, 8).flatmap(lambda n: st.tuples(st.integers(0, n - 1), st.just(n))),
+        st.booleans(),
+    )
+    def test_share(self, sport, share, withIP) -> None:  # type: ignore[no-untyped-def]
+        """
+        With a share, the filter keeps a SYN only if its client port is
+        steered to that worker, as L{workerOf} says.
+        """
+        segment = tcp(sport, 8080, 1, SYN, b"", b"")
+        packet = ipv4("10.0.0.1", "10.0.0.2", segment) if withIP else segment
+        verdict = runFilter(synFilter([8080], withIP, share), packet)
+        self.assertEqual(bool(verdict), workerOf(sport, share[1]) == share[0])
+        other = tcp(sport, 8081, 1, SYN, b"", b"")
+        packet = ipv4("10.0.0.1", "10.0.0.2", other) if withIP else other
+        self.assertEqual(runFilter(synFilter([8080], withIP, share), packet), 0)
+
+    def test_workerOfSpreadsEvenPorts(self) -> None:
+        """
+        Linux gives C{connect()} even ports: L{workerOf} still spreads
+        consecutive even ports over the workers about evenly.
+        """
+        for workers in (2, 3, 4):
+            counts = [0] * workers
+            for port in range(32768, 32768 + 2000, 2):
+                counts[workerOf(port, workers)] += 1
+            self.assertLess(max(counts) - min(counts), 1000 // workers // 5, counts)
 
 
 class Recorder:
@@ -163,6 +198,51 @@ class SynTapTests(unittest.TestCase):
         self.assertEqual(segment.destination.host, "::1")
         self.assertEqual(segment.destination.port, number)
         self.assertEqual(segment.source.port, client.getsockname()[1])
+
+    def shareSeen(self, family: int, host: str) -> None:
+        """
+        Two taps, one per worker of two: each reads the SYNs of exactly the
+        connections L{workerOf} steers to it, whether its filter (in the
+        kernel) or its reading (in Python) drops the others.
+        """
+        listener = socket.socket(family)
+        self.addCleanup(listener.close)
+        listener.bind((host, 0))
+        listener.listen(64)
+        number = listener.getsockname()[1]
+        recorders = [Recorder(), Recorder()]
+        taps = [
+            SynTap(MemoryReactor(), family, [number], recorders[i], share=(i, 2))
+            for i in range(2)
+        ]
+        for tap in taps:
+            tap.start()
+            self.addCleanup(tap.stop)
+        ports = []
+        for _ in range(16):
+            client = socket.socket(family)
+            self.addCleanup(client.close)
+            client.connect((host, number))
+            ports.append(client.getsockname()[1])
+        # The SYN reached the taps before the handshake completed.
+        for i, tap in enumerate(taps):
+            mine = sorted(p for p in ports if workerOf(p, 2) == i)
+            # The kernel filter dropped the others: they were never read.
+            self.assertEqual(tap.readQueued(), len(mine))
+            self.assertEqual(sorted(s.source.port for s in recorders[i].segments), mine)
+        self.assertEqual(taps[0].seen + taps[1].seen, len(ports))
+
+    def test_share(self) -> None:
+        """
+        See L{shareSeen}, for IPv4.
+        """
+        self.shareSeen(socket.AF_INET, "127.0.0.1")
+
+    def test_shareIPv6(self) -> None:
+        """
+        See L{shareSeen}, for IPv6.
+        """
+        self.shareSeen(socket.AF_INET6, "::1")
 
     def test_stopTwice(self) -> None:
         reactor = MemoryReactor()
