@@ -902,6 +902,38 @@ class UnsupportedTests(SpliceTestCase):
         self.assertEqual(len(logs.matching("miniproxy.splice")), 1)
 
 
+class NoPipeTests(SpliceTestCase):
+    """
+    A flow that cannot have a pipe (out of descriptors) relays in
+    userspace.
+    """
+
+    @defer.inlineCallbacks
+    def test_noPipe(self) -> Any:
+        """
+        C{pipe2} fails with C{EMFILE} at the first byte: the flow leaves the
+        splice path and relays every byte in userspace; splicing stays on
+        for the process.
+        """
+        net = Network(self)
+        serverPort, servers = net.server(echo=True)
+        proxy = yield self.startProxy(net, serverPort)
+        client, server, flow = yield self.connected(net, proxy, servers)
+
+        def noPipe(flags: int) -> tuple[int, int]:
+            raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+
+        self.patch(os, "pipe2", noPipe)
+        data = pattern(MiB, 11)
+        client.transport.write(data)
+        yield withTimeout(client.waitForBytes(len(data)), 10, "the echo")
+        self.assertEqual(client.received, data)
+        self.assertEqual(server.received, data)
+        self.assertFalse(flow._splice.active)
+        self.assertEqual(flow._splice.spliced, 0)
+        self.assertTrue(stats.available)
+
+
 class FileDescriptorTests(SpliceTestCase):
     """
     Spliced flows leave no descriptor behind, however they end.
