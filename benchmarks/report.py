@@ -171,6 +171,19 @@ def targets(results: dict[str, Any], name: str = "miniproxy-accept") -> list[dic
     return rows
 
 
+def _sizes(sizes: dict[str, Any]) -> str:
+    if not sizes:
+        return "–"
+    return (
+        f"throughput {sizes['throughputSeconds']:g} s; bursts of "
+        f"{', '.join(str(n) for n in sizes['burstSizes'])} connects, "
+        f"{sizes['burstRepeats']}× each; {sizes['shortClients']} short-flow clients for "
+        f"{sizes['shortSeconds']:g} s; {sizes['idlePairs']} idle pairs; "
+        f"{sizes['coldRuns']} cold starts; best of {sizes.get('rounds', 1)} rounds for "
+        "throughput, bursts and short flows"
+    )
+
+
 def _fmt(value: Any, digits: int = 1) -> str:
     if value is None:
         return "–"
@@ -206,6 +219,7 @@ def markdown(results: dict[str, Any], heading: str = "##") -> str:
         f"{m['socat']}",
         f"- Placement: proxy on CPU {results['placement']['proxyCpu']}, load generators "
         f"and backends on CPU {results['placement']['loadCpu']}",
+        f"- Sizes: {_sizes(results.get('sizes', {}))}",
         f"- Load average (1, 5, 15 min) before: {results['loadBefore']}, after: "
         f"{results['loadAfter']}; run took {results['elapsedSeconds']:.0f} s",
         "",

@@ -83,7 +83,7 @@ class Sizes:
     hookFlows: int = 1000
     hookChunks: int = 10000
     hookRounds: int = 2
-    rounds: int = 2
+    rounds: int = 3
 
 
 FULL = Sizes()
