@@ -40,7 +40,17 @@ _LIMIT_KEYS: dict[str, tuple[str, type]] = {
     "splice": ("splice", bool),
 }
 
-_TOP_KEYS = {"listen", "to", "mode", "functions", "limits", "listeners", "function"}
+_TOP_KEYS = {
+    "listen",
+    "to",
+    "mode",
+    "functions",
+    "limits",
+    "listeners",
+    "function",
+    "workers",
+    "stats-interval",
+}
 _LISTENER_KEYS = {
     "endpoint",
     "to",
@@ -66,12 +76,19 @@ class ServiceConfig:
 
     @ivar listeners: The listeners.
     @ivar functions: The enabled functions, in order, with their settings.
-    @ivar limits: The bounds.
+    @ivar limits: The bounds (per worker, with several workers).
+    @ivar workers: How many worker processes share the listeners; 1 runs
+        the service in the twistd process itself (see
+        L{miniproxy.workers}).
+    @ivar statsInterval: With workers, seconds between two reports of the
+        group's memory, CPU time and flows (0: only on SIGUSR1).
     """
 
     listeners: tuple[ListenerSettings, ...]
     functions: tuple[tuple[str, Mapping[str, Any]], ...] = ()
     limits: Limits = field(factory=Limits)
+    workers: int = 1
+    statsInterval: float = 60.0
 
 
 def parseMode(value: object, key: str = "mode") -> ConnectMode:
@@ -169,6 +186,8 @@ def buildConfig(
     mode: str | None = None,
     functions: list[str] | None = None,
     limits: Mapping[str, Any] | None = None,
+    workers: object = None,
+    statsInterval: object = None,
 ) -> ServiceConfig:
     """
     Validate a parsed config document, with command-line values on top.
@@ -237,8 +256,22 @@ def buildConfig(
             raise ConfigError(f"{prefix}: must be a non-empty list")
         for i, table in enumerate(tables):
             listeners.append(_listener(table, f"{prefix}[{i}]", defaultMode, defaultTo))
+    workersValue = parseNumber(
+        workers if workers is not None else document.get("workers", 1), "workers", int
+    )
+    if workersValue < 1:
+        raise ConfigError(f"workers: must be at least 1, not {workersValue!r}")
+    interval = parseNumber(
+        statsInterval if statsInterval is not None else document.get("stats-interval", 60),
+        "stats-interval",
+        float,
+    )
     return ServiceConfig(
-        listeners=tuple(listeners), functions=enabled, limits=limitsValue
+        listeners=tuple(listeners),
+        functions=enabled,
+        limits=limitsValue,
+        workers=workersValue,
+        statsInterval=interval,
     )
 
 

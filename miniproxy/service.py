@@ -7,7 +7,7 @@ they share.
 from __future__ import annotations
 
 from types import ModuleType
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService
@@ -114,7 +114,19 @@ class ProxyService(MultiService):
         reactor: Any,
         functions: tuple[tuple[str, IFlowHandlerFactory], ...] | None = None,
         onFlowClosed: Callable[[Any], None] | None = None,
+        endpoints: Sequence[Any] | None = None,
+        share: tuple[int, int] | None = None,
     ) -> None:
+        """
+        @param functions: The configured functions, instead of those the
+            configuration names.
+        @param onFlowClosed: Called with each flow once it is closed.
+        @param endpoints: The server endpoint of each listener, in order,
+            instead of the ones their descriptions make (a worker's adopted
+            sockets; see L{miniproxy.workers}).
+        @param share: C{(index, workers)} in a worker: the SYN taps begin
+            flows only for this worker's connections.
+        """
         super().__init__()
         self.config = config
         self.reactor = reactor
@@ -123,14 +135,16 @@ class ProxyService(MultiService):
             functions if functions is not None else configureFunctions(config, reactor)
         )
         self.onFlowClosed = onFlowClosed
-        self.early = EarlySyns(reactor, config.limits)
+        self.early = EarlySyns(reactor, config.limits, share=share)
         # Started when a leg first carries its destination in a TCP option.
         self.optionEmitter = OptionEmitter.shared(reactor)
         self.listeners: list[StreamServerEndpointService] = []
-        for settings in config.listeners:
-            self._makeListener(settings)
+        for i, settings in enumerate(config.listeners):
+            self._makeListener(settings, endpoints[i] if endpoints is not None else None)
 
-    def _makeListener(self, settings: ListenerSettings) -> StreamServerEndpointService:
+    def _makeListener(
+        self, settings: ListenerSettings, endpoint: Any = None
+    ) -> StreamServerEndpointService:
         context = ListenerContext(
             self.reactor,
             settings,
@@ -139,12 +153,16 @@ class ProxyService(MultiService):
             self.table,
             onFlowClosed=self.onFlowClosed,
         )
-        try:
-            endpoint = serverFromString(
-                self.reactor, withBacklog(settings.endpoint, self.config.limits.listenBacklog)
-            )
-        except (ValueError, TypeError, KeyError) as e:
-            raise ConfigError(f"bad listen endpoint {settings.endpoint!r}: {e}") from None
+        if endpoint is None:
+            try:
+                endpoint = serverFromString(
+                    self.reactor,
+                    withBacklog(settings.endpoint, self.config.limits.listenBacklog),
+                )
+            except (ValueError, TypeError, KeyError) as e:
+                raise ConfigError(
+                    f"bad listen endpoint {settings.endpoint!r}: {e}"
+                ) from None
         if settings.mode is ConnectMode.EARLY and settings.synTap:
             context.early = self.early
         context.dialer.optionEmitter = self.optionEmitter

@@ -35,6 +35,8 @@ class Options(usage.Options):
         ["max-flows-per-source", None, None, "Flows open at once per client address (256)."],
         ["max-buffer", None, None, "Bytes buffered per flow and direction (262144)."],
         ["listen-backlog", None, None, "listen(2) backlog per listener (1024)."],
+        ["workers", "w", None, "Worker processes sharing the listeners (1: none)."],
+        ["stats-interval", None, None, "With workers: seconds between group reports (60)."],
     ]
     optFlags = [
         ["list-functions", None, "List the installed proxy functions and exit."],
@@ -86,6 +88,8 @@ class Options(usage.Options):
             mode=self["mode"],
             functions=self["functions"],
             limits=limits,
+            workers=self["workers"],
+            statsInterval=self["stats-interval"],
         )
         try:
             if self["config"]:
@@ -125,13 +129,46 @@ def makeService(options: Options, reactor: Any = None) -> Any:
         from twisted.internet import reactor as _reactor
 
         reactor = _reactor
+    config: ServiceConfig = options.config
+    if config.workers > 1:
+        return _workerGroup(options, config, reactor)
     from miniproxy.service import ProxyService
 
-    config: ServiceConfig = options.config
     try:
         return ProxyService(config, reactor)
     except ConfigError as e:
         # twistd prints this and exits 1, instead of a traceback.
+        raise SystemExit(f"miniproxy: configuration error: {_blame(options, str(e))}")
+
+
+def _workerGroup(options: Options, config: ServiceConfig, reactor: Any) -> Any:
+    """
+    The parent of a worker group, which logs where twistd does.  The
+    functions are configured here once, so that a bad configuration stops
+    twistd instead of every worker.
+    """
+    from miniproxy.service import configureFunctions
+    from miniproxy.workers import WorkerGroup
+
+    parent = getattr(options, "parent", None)
+    logFile = None
+    if parent is not None:
+        try:
+            logFile = parent["logfile"]
+        except KeyError:
+            pass
+    if logFile == "-":
+        logFile = None
+    try:
+        configureFunctions(config, reactor)
+        return WorkerGroup(
+            config,
+            reactor,
+            config.workers,
+            logFile=logFile,
+            statsInterval=config.statsInterval,
+        )
+    except ConfigError as e:
         raise SystemExit(f"miniproxy: configuration error: {_blame(options, str(e))}")
 
 
