@@ -1,0 +1,274 @@
+# -*- test-case-name: tests.test_evaluation -*-
+"""
+The paper's Figure 5: one proxy off the direct path.  Both of its links get
+a one-way delay of 25 ms (the proxy on the path, splitting the direct
+path's 50 ms) up to 37.5 ms in steps of 2.5 ms (the proxy's detour adds up
+to 25 ms each way), against the direct path (50 ms one way).
+
+C{python -m miniproxy.evaluation.figure5 [--runs N] [--quick] [--out
+docs/evaluation] [--delays 25,27.5,...] [--modes early[,accept]]}
+
+Each delay is a line C{client -- p1 -- server} of its own (100 Mb/s
+links), with the proxy set up as in Figure 4 (transparent, ESF); the
+direct path is C{client -- server}.  Outputs: C{figure5-flows.csv},
+C{figure5.csv}, C{figure5.md}, C{figure5.png}.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, Mapping, Sequence
+
+from twisted.internet.defer import inlineCallbacks
+
+from miniproxy.evaluation import report
+from miniproxy.evaluation.common import (
+    CELL_COLUMNS,
+    FLOW_COLUMNS,
+    KB,
+    RATE,
+    RUNS,
+    SIZES_KB,
+    WARM_UP,
+    arguments,
+    cells,
+    cellStats,
+    run,
+    runsFrom,
+    setUpTransparent,
+)
+from miniproxy.evaluation.runner import (
+    interleave,
+    measured,
+    onBed,
+    removeWorkDirectory,
+    workDirectory,
+)
+from miniproxy.testbed.topology import LineTopology
+
+#: The direct path's one-way delay, in milliseconds.
+DIRECT_DELAY = 50.0
+#: The one-way delays of each of the proxy's links, in milliseconds.
+DELAYS = (25.0, 27.5, 30.0, 32.5, 35.0, 37.5)
+NAME = "figure5"
+
+
+@inlineCallbacks
+def measure(
+    reactor: Any,
+    directory: str,
+    delays: Sequence[float] = DELAYS,
+    sizes: Sequence[int] = tuple(s * KB for s in SIZES_KB),
+    runs: int = RUNS,
+    modes: Sequence[str] = ("early",),
+    rate: int | None = RATE,
+    warmUp: int = WARM_UP,
+    direct: bool = True,
+    log: Callable[[str], None] = lambda line: None,
+) -> Any:
+    """
+    Run the flows of Figure 5: the direct path, then one line per delay.
+
+    @param delays: The one-way delays of the proxy's links, milliseconds.
+    @param modes: The proxy's modes to measure.
+    @param direct: Whether to measure the direct path too.
+    @return: A L{Deferred} firing with the measured rows, tagged with
+        C{delay} (the one-way delay of each link; the direct path's for
+        mode C{direct}).
+    """
+    rows: list[dict[str, Any]] = []
+    lines: list[tuple[float, int]] = ([(DIRECT_DELAY, 0)] if direct else []) + [(d, 1) for d in delays]
+    for index, (delay, proxies) in enumerate(lines):
+        line = LineTopology(proxies=proxies, delays=[delay] * (proxies + 1), rate=rate, ipv6=False)
+        where = os.path.join(directory, f"line{index}")
+        os.makedirs(where, exist_ok=True)
+        lineModes = ["direct"] if proxies == 0 else list(modes)
+
+        def body(bed: Any, delay: float = delay, lineModes: list[str] = lineModes,
+                 index: int = index) -> Any:
+            plan = cells(bed.line.serverAddress, lineModes, sizes, delay=delay)
+            flows = interleave(plan, runs, warmUp, seed=index)
+            log(f"{NAME}: {delay:g} ms one way, {'direct' if delay == DIRECT_DELAY else '1 proxy'}: "
+                f"{len(flows)} flows")
+            return bed.runFlows(flows)
+
+        results = yield onBed(reactor, line, where, setUpTransparent, body)
+        rows += measured(results)
+    return rows
+
+
+def summarise(rows: Sequence[Mapping[str, Any]], rate: int | None = RATE) -> list[dict[str, Any]]:
+    """
+    The cells of Figure 5 (see L{cellStats}), with the model: one hop of
+    twice the direct delay, or two hops of twice each link's delay.
+    """
+
+    def rtts(cell: Mapping[str, Any]) -> list[float]:
+        hops = 1 if cell["mode"] == "direct" else 2
+        return [2 * cell["delay"] / 1000] * hops
+
+    return cellStats(rows, ["delay"], rtts, rate)
+
+
+def markdown(
+    rows: Sequence[Mapping[str, Any]],
+    cellList: Sequence[Mapping[str, Any]],
+    command: str,
+    before: Mapping[str, str],
+) -> str:
+    """
+    The markdown report of Figure 5: each cell against the model, and each
+    delay's TTC against the direct path's.
+    """
+    failures = sum(1 for r in rows if not r["ok"])
+    notes = (
+        f"client -- p1 -- server with both links delayed by the same one-way delay, against "
+        f"client -- server with {DIRECT_DELAY:g} ms one way; 100 Mb/s links; the proxy as in "
+        f"Figure 4. {len(rows)} measured flows, {failures} failed. Medians in ms with [p10, p90]; "
+        "'vs direct' is the TTC's change against the direct path's median (negative: the "
+        "proxy helps)."
+    )
+    text = [report.preamble("Figure 5: one proxy with longer links", command, before, notes)]
+    direct = {c["size"]: c for c in cellList if c["mode"] == "direct"}
+    text.append("## TTC against the direct path\n")
+    sizes = sorted({c["size"] for c in cellList})
+    delays = sorted({c["delay"] for c in cellList if c["mode"] != "direct"})
+    modes = sorted({c["mode"] for c in cellList if c["mode"] != "direct"})
+    table = []
+    for size in sizes:
+        base = direct.get(size)
+        row: list[Any] = [f"{size / KB:g}", report.ms(base["ttcMedian"]) if base else "–"]
+        for mode in modes:
+            for delay in delays:
+                cell = next((c for c in cellList if c["mode"] == mode and c["delay"] == delay
+                             and c["size"] == size), None)
+                if cell is None or base is None:
+                    row.append("–")
+                else:
+                    change = -report.reduction(cell["ttcMedian"], base["ttcMedian"])
+                    model = -report.reduction(cell["ttcModel"], base["ttcModel"])
+                    row.append(f"{report.ms(cell['ttcMedian'])} ({report.pct(change, 0)}; model {report.pct(model, 0)})")
+        table.append(row)
+    headers = ["KB", "direct"] + [
+        f"{d:g} ms" + (f" {m}" if len(modes) > 1 else "") for m in modes for d in delays
+    ]
+    text.append(report.markdownTable(headers, table))
+    text.append("\n## Every cell against the model\n")
+    text.append(report.markdownTable(
+        ["one-way delay", "mode", "KB", "TTFB [p10, p90]", "model", "dev", "TTC [p10, p90]",
+         "model", "dev", "failed"],
+        [
+            (
+                f"{c['delay']:g}", c["mode"], f"{c['sizeKB']:g}",
+                f"{report.ms(c['ttfbMedian'])} [{report.ms(c['ttfbP10'])}, {report.ms(c['ttfbP90'])}]",
+                report.ms(c["ttfbModel"]), report.pct(c["ttfbDev"]),
+                f"{report.ms(c['ttcMedian'])} [{report.ms(c['ttcP10'])}, {report.ms(c['ttcP90'])}]",
+                report.ms(c["ttcModel"]), report.pct(c["ttcDev"]),
+                f"{c['failures']}/{c['runs']}",
+            )
+            for c in cellList
+        ],
+    ))
+    within = [c for c in cellList if max(abs(c["ttfbDev"]), abs(c["ttcDev"])) <= report.TARGET_DEVIATION]
+    text.append(f"\n{len(within)} of {len(cellList)} cells have TTFB and TTC within "
+                f"{report.TARGET_DEVIATION:g} % of the model.\n")
+    return "\n".join(text)
+
+
+def plot(cellList: Sequence[Mapping[str, Any]], path: str) -> bool:
+    """
+    Draw Figure 5: TTC against flow size, one line per delay and one for
+    the direct path; the model dotted.
+
+    @return: Whether it was drawn.
+    """
+    plt = report.pyplot()
+    if plt is None:
+        return False
+    figure, axes = plt.subplots(figsize=(8, 5))
+    delays = sorted({c["delay"] for c in cellList if c["mode"] != "direct"})
+    colours = plt.cm.viridis([i / max(len(delays) - 1, 1) for i in range(len(delays))])
+    series = [("direct", None, "black", "no proxy (50 ms one way)")] + [
+        (mode, d, colours[i], f"1 proxy, {d:g} ms per link" + ("" if mode == "early" else f", {mode}"))
+        for mode in sorted({c["mode"] for c in cellList if c["mode"] != "direct"})
+        for i, d in enumerate(delays)
+    ]
+    for mode, delay, colour, label in series:
+        line = [c for c in cellList if c["mode"] == mode and (delay is None or c["delay"] == delay)]
+        if not line:
+            continue
+        x = [c["sizeKB"] for c in line]
+        axes.errorbar(
+            x, [c["ttcMedian"] for c in line],
+            yerr=[[c["ttcMedian"] - c["ttcP10"] for c in line], [c["ttcP90"] - c["ttcMedian"] for c in line]],
+            marker="o", markersize=3, capsize=2, color=colour, label=label,
+            linestyle="--" if mode == "accept" else "-",
+        )
+        axes.plot(x, [c["ttcModel"] for c in line], linestyle=":", color=colour, linewidth=1)
+    sizes = sorted({c["sizeKB"] for c in cellList})
+    axes.set_xscale("log")
+    axes.set_xticks(sizes)
+    axes.set_xticklabels([f"{s:g}" for s in sizes])
+    axes.set_xlabel("flow size (KB)")
+    axes.set_ylabel("time to complete (ms)")
+    axes.set_title("TTC with one proxy and longer links (median, p10–p90; dotted: model)")
+    axes.grid(True, alpha=0.3)
+    axes.legend(fontsize=8)
+    report.savePlot(figure, path)
+    return True
+
+
+def write(out: str, rows: Sequence[Mapping[str, Any]], command: str, before: Mapping[str, str]) -> list[str]:
+    """
+    Write Figure 5's outputs into directory C{out}.
+
+    @return: The paths written.
+    """
+    os.makedirs(out, exist_ok=True)
+    cellList = summarise(rows)
+    paths = [os.path.join(out, f"{NAME}-flows.csv"), os.path.join(out, f"{NAME}.csv"),
+             os.path.join(out, f"{NAME}.md")]
+    report.writeCSV(paths[0], rows, ("delay", *FLOW_COLUMNS))
+    report.writeCSV(paths[1], cellList, ("delay", *CELL_COLUMNS))
+    with open(paths[2], "w") as f:
+        f.write(markdown(rows, cellList, command, before))
+    png = os.path.join(out, f"{NAME}.png")
+    if plot(cellList, png):
+        paths.append(png)
+    return paths
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """
+    C{python -m miniproxy.evaluation.figure5}; C{--help} says more.
+    """
+    parser = arguments("python -m miniproxy.evaluation.figure5", "The paper's Figure 5.")
+    parser.add_argument("--delays", default=",".join(f"{d:g}" for d in DELAYS),
+                        help="one-way delays of the proxy's links, ms")
+    parser.add_argument("--sizes", default=",".join(map(str, SIZES_KB)), help="flow sizes in KB")
+    parser.add_argument("--modes", default="early", help="the proxy's modes: early[,accept]")
+    args = parser.parse_args(argv)
+    runs = runsFrom(args)
+    before = report.machine()
+    command = report.commandLine(argv)
+
+    @inlineCallbacks
+    def experiment(reactor: Any) -> Any:
+        directory = workDirectory(args.keep)
+        try:
+            rows = yield measure(
+                reactor, directory,
+                delays=[float(d) for d in args.delays.split(",")],
+                sizes=[int(float(s) * KB) for s in args.sizes.split(",")],
+                modes=args.modes.split(","), runs=runs, log=print,
+            )
+        finally:
+            removeWorkDirectory(directory, args.keep)
+        for path in write(args.out, rows, command, before):
+            print(f"wrote {path}")
+
+    run(experiment)
+
+
+if __name__ == "__main__":
+    main()
