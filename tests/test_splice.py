@@ -112,6 +112,7 @@ class Watcher(FlowHandler):
         self.wantsData = False
         self.fromClient: list[bytes] = []
         self.fromServer: list[bytes] = []
+        self.closedWith: Any = None
 
     def watch(self, wanted: bool = True) -> None:
         """
@@ -126,6 +127,10 @@ class Watcher(FlowHandler):
 
     def dataFromServer(self, flow: Any, chunk: Chunk) -> Verdict:
         self.fromServer.append(chunk.data)
+        return CONTINUE
+
+    def closed(self, flow: Any) -> Verdict:
+        self.closedWith = flow.outcome
         return CONTINUE
 
 
@@ -250,12 +255,13 @@ class RelayTests(SpliceTestCase):
     def test_accessLog(self) -> Any:
         """
         A spliced flow's access-log line has the byte counts of the
-        userspace relay.
+        userspace relay, and its functions' C{closed} hooks run.
         """
         logs = LogCapture(self)
         net = Network(self)
         serverPort, servers = net.server(echo=True)
-        proxy = yield self.startProxy(net, serverPort)
+        watching = Watching()
+        proxy = yield self.startProxy(net, serverPort, watching=watching)
         client, server, flow = yield self.connected(net, proxy, servers)
         data = pattern(300 * 1024)
         client.transport.write(data)
@@ -268,6 +274,7 @@ class RelayTests(SpliceTestCase):
                          (len(data), len(data)))
         self.assertEqual(line["outcome"], "ok")
         self.assertEqual(flow._splice.spliced, 2 * len(data))
+        self.assertIs(watching.watcherOf(flow).closedWith, Outcome.OK)
 
     @defer.inlineCallbacks
     def test_off(self) -> Any:
@@ -1021,6 +1028,36 @@ class SettingTests(unittest.TestCase):
         """
         e = self.assertRaises(ConfigError, buildConfig, {"limits": {"splice": 1}})
         self.assertEqual(str(e), "limits.splice: must be true or false, not 1")
+
+
+class MemoryTransportTests(unittest.TestCase):
+    """
+    Flows on the in-memory transports of L{miniproxy.testing}.
+    """
+
+    def test_wantsDataChanged(self) -> None:
+        """
+        On the in-memory transports (no splice path), a handler that starts
+        wanting data mid-flow sees the bytes from then on, and none once
+        it stops.
+        """
+        from miniproxy.testing import FlowHarness
+
+        watching = Watching()
+        harness = FlowHarness([watching.factory])
+        driver = harness.accept()
+        driver.connectOutgoing()
+        driver.clientSends(b"before ")
+        watcher = watching.watcherOf(driver.flow)
+        watcher.watch()
+        driver.clientSends(b"during ")
+        driver.serverSends(b"answer")
+        watcher.watch(False)
+        driver.clientSends(b"after")
+        self.assertEqual(driver.sentToServer(), b"before during after")
+        self.assertEqual(driver.sentToClient(), b"answer")
+        self.assertEqual((watcher.fromClient, watcher.fromServer),
+                         ([b"during "], [b"answer"]))
 
     def test_notForMemoryTransports(self) -> None:
         """
