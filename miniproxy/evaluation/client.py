@@ -7,8 +7,9 @@ line, as each flow ends.
 
 Two kinds of plan:
 
-  - C{{"flows": [FLOW, ...], "request": 100, "timeout": 10}}: flows one
-    after the other.  Each C{FLOW} is C{{"host": H, "port": P, "size": N,
+  - C{{"flows": [FLOW, ...], "request": 100, "timeout": 10, "gap": 0.1}}:
+    flows one after the other, C{gap} seconds apart (from the end of one
+    to the start of the next; default 0).  Each C{FLOW} is C{{"host": H, "port": P, "size": N,
     "fastOpen": false, "tag": ANYTHING}}: connect (with
     C{TCP_FASTOPEN_CONNECT} if C{fastOpen}), send a request for C{N} bytes
     (L{miniproxy.evaluation.server.makeRequest}), read C{N} bytes, close.
@@ -119,12 +120,14 @@ class _Attempt:
         self.toSend = memoryview(b"")
         self.error: str | None = None
         self.done = False
+        self.port = 0
 
     def result(self, size: int) -> dict[str, Any]:
         return {
             "tag": self.index,
             "ok": self.error is None and self.got == size,
             "bytes": self.got,
+            "port": self.port,
             "start": self.wall,
             "connect": _seconds(self.start, self.connected),
             "ttfb": _seconds(self.start, self.first),
@@ -158,6 +161,7 @@ def runBurst(
         attempt.wall = time.time_ns()
         attempt.start = time.monotonic_ns()
         code = attempt.sock.connect_ex((host, port))
+        attempt.port = attempt.sock.getsockname()[1]
         if code not in (0, errno.EINPROGRESS):
             attempt.error = f"connect: {errno.errorcode.get(code, code)}"
             attempt.done = True
@@ -244,7 +248,12 @@ def runPlan(plan: dict[str, Any], out: IO[str]) -> int:
             out.write(json.dumps(result) + "\n")
         out.flush()
         return failures
-    for flow in plan["flows"]:
+    gap = float(plan.get("gap", 0))
+    for index, flow in enumerate(plan["flows"]):
+        if index and gap > 0:
+            # The workload: flows one at a time, idle in between (not a
+            # wait for anything).
+            time.sleep(gap)
         result = runFlow(
             flow["host"], int(flow["port"]), int(flow["size"]), bool(flow.get("fastOpen")),
             request, timeout,

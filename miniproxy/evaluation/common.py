@@ -35,6 +35,12 @@ RATE = 100_000_000
 RUNS = 20
 #: Flows per cell run first and not measured (imports, caches).
 WARM_UP = 2
+#: Seconds between the end of one flow and the start of the next: the
+#: previous flow's closing (its FIN crossing each proxy, which closes both
+#: legs and writes its access-log line) is over before the next SYN comes,
+#: as when flows come from different clients.  Back to back, that work
+#: delays the next SYN by about 0.5 ms at each proxy (docs/evaluation.md).
+GAP = 0.1
 #: Measured flows per cell with C{--quick}.
 QUICK_RUNS = 3
 
@@ -142,10 +148,13 @@ CELL_COLUMNS = (
 )
 
 
-def arguments(prog: str, description: str, runs: int = RUNS) -> argparse.ArgumentParser:
+def arguments(
+    prog: str, description: str, runs: int = RUNS, gap: bool = True
+) -> argparse.ArgumentParser:
     """
     The command line every experiment shares: C{--runs N}, C{--quick},
-    C{--out DIRECTORY}, C{--keep DIRECTORY}.
+    C{--out DIRECTORY}, C{--keep DIRECTORY}, and for sequential flows
+    C{--gap SECONDS}.
     """
     parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("--runs", type=int, default=None,
@@ -155,6 +164,9 @@ def arguments(prog: str, description: str, runs: int = RUNS) -> argparse.Argumen
                         help="where the CSV, PNG and markdown files go (docs/evaluation)")
     parser.add_argument("--keep", default=None,
                         help="keep the proxies' configurations and logs in this directory")
+    if gap:
+        parser.add_argument("--gap", type=float, default=GAP,
+                            help=f"seconds between one flow's end and the next one's start ({GAP:g})")
     return parser
 
 

@@ -52,6 +52,7 @@ from miniproxy.evaluation.common import (
     FLOW_COLUMNS,
     KB,
     RATE,
+    GAP,
     RUNS,
     SIZES_KB,
     arguments,
@@ -138,6 +139,7 @@ def measure(
     rate: int | None = RATE,
     mode: str = MODE,
     warmUp: int = WARM_UP,
+    gap: float = GAP,
     log: Callable[[str], None] = lambda line: None,
 ) -> Any:
     """
@@ -156,7 +158,7 @@ def measure(
             plan = cells(bed.line.serverAddress, ["tfo"], sizes, proxies=proxies)
             flows = interleave(plan, runs, warmUp, seed=proxies)
             log(f"{NAME}: {proxies} proxies: {len(flows)} flows")
-            return bed.runFlows(flows)
+            return bed.runFlows(flows, gap)
 
         def setUp(bed: Bed) -> None:
             setUpChain(bed, mode)
@@ -345,7 +347,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 reactor, directory,
                 proxyCounts=[int(p) for p in args.proxies.split(",")],
                 sizes=[int(float(s) * KB) for s in args.sizes.split(",")],
-                runs=runs, mode=args.mode, log=print,
+                runs=runs, gap=args.gap, mode=args.mode, log=print,
             )
         finally:
             removeWorkDirectory(directory, args.keep)

@@ -36,6 +36,7 @@ from miniproxy.evaluation.common import (
     FLOW_COLUMNS,
     KB,
     RATE,
+    GAP,
     RUNS,
     SIZES_KB,
     WARM_UP,
@@ -81,6 +82,7 @@ def measure(
     rtt: float = RTT,
     rate: int | None = RATE,
     warmUp: int = WARM_UP,
+    gap: float = GAP,
     modes: Callable[[int], list[str]] = modesFor,
     log: Callable[[str], None] = lambda line: None,
 ) -> Any:
@@ -95,6 +97,7 @@ def measure(
     @param rtt: The end-to-end round trip, milliseconds, split evenly.
     @param rate: Each link's rate, bits per second.
     @param warmUp: Flows per cell before those measured.
+    @param gap: Seconds between flows.
     @param modes: The modes to measure for a number of proxies.
     @param log: Called with a line of progress.
     @return: A L{Deferred} firing with the measured rows (see
@@ -110,7 +113,7 @@ def measure(
             plan = cells(bed.line.serverAddress, modes(proxies), sizes, proxies=proxies)
             flows = interleave(plan, runs, warmUp, seed=proxies)
             log(f"{NAME}: {proxies} proxies: {len(flows)} flows")
-            return bed.runFlows(flows)
+            return bed.runFlows(flows, gap)
 
         results = yield onBed(reactor, line, where, setUpTransparent, body)
         rows += measured(results)
@@ -359,7 +362,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 reactor, directory,
                 proxyCounts=[int(p) for p in args.proxies.split(",")],
                 sizes=[int(float(s) * KB) for s in args.sizes.split(",")],
-                runs=runs, log=print,
+                runs=runs, gap=args.gap, log=print,
             )
         finally:
             removeWorkDirectory(directory, args.keep)

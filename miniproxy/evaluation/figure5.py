@@ -27,6 +27,7 @@ from miniproxy.evaluation.common import (
     FLOW_COLUMNS,
     KB,
     RATE,
+    GAP,
     RUNS,
     SIZES_KB,
     WARM_UP,
@@ -63,6 +64,7 @@ def measure(
     modes: Sequence[str] = ("early",),
     rate: int | None = RATE,
     warmUp: int = WARM_UP,
+    gap: float = GAP,
     direct: bool = True,
     log: Callable[[str], None] = lambda line: None,
 ) -> Any:
@@ -90,7 +92,7 @@ def measure(
             flows = interleave(plan, runs, warmUp, seed=index)
             log(f"{NAME}: {delay:g} ms one way, {'direct' if delay == DIRECT_DELAY else '1 proxy'}: "
                 f"{len(flows)} flows")
-            return bed.runFlows(flows)
+            return bed.runFlows(flows, gap)
 
         results = yield onBed(reactor, line, where, setUpTransparent, body)
         rows += measured(results)
@@ -260,7 +262,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 reactor, directory,
                 delays=[float(d) for d in args.delays.split(",")],
                 sizes=[int(float(s) * KB) for s in args.sizes.split(",")],
-                modes=args.modes.split(","), runs=runs, log=print,
+                modes=args.modes.split(","), runs=runs, gap=args.gap, log=print,
             )
         finally:
             removeWorkDirectory(directory, args.keep)

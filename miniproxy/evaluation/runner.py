@@ -43,6 +43,7 @@ from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.protocol import ProcessProtocol
 from twisted.python.failure import Failure
 
+from miniproxy.testbed.capture import PacketCapture
 from miniproxy.testbed.delayline import DEFAULT_REALTIME, readLine
 from miniproxy.testbed.netns import Namespace, NetnsError, pollUntil
 from miniproxy.testbed.topology import CLIENT_SIDE, TPROXY_MARK, LineTopology
@@ -55,6 +56,12 @@ HOST_PRIORITY = DEFAULT_REALTIME
 START_TIMEOUT = 30.0
 #: Seconds a flow may take; a client run may take this long per flow.
 FLOW_TIMEOUT = 10.0
+
+#: The environment variable that names where a proxy's logs go (a path
+#: without its suffix): see L{logObserver}.
+LOG_ENVIRONMENT = "MINIPROXY_EVALUATION_LOG"
+#: The access log's namespace.
+ACCESS_NAMESPACE = "miniproxy.access"
 
 #: The ports of the evaluation: the server's, and the proxies' listeners.
 EARLY_PORT = 80
@@ -78,6 +85,46 @@ def prioritise(pid: int) -> None:
         os.setpriority(os.PRIO_PROCESS, pid, -10)
     except ProcessLookupError:
         pass
+
+
+def logObserver() -> Any:
+    """
+    A log observer factory for C{twistd --logger}: the proxy's access log
+    (one event per flow) as JSON in C{STEM.json}, everything else as text
+    in C{STEM.log}, where C{STEM} is the value of L{LOG_ENVIRONMENT}.  Each
+    event is written once, as with twistd's own text log.  The JSON keeps
+    every access-log field, among them the flow's C{times} (the reactor's
+    clock: seconds since the epoch, comparable with packet captures'
+    kernel timestamps).
+    """
+    from twisted.logger import jsonFileLogObserver, textFileLogObserver
+
+    stem = os.environ[LOG_ENVIRONMENT]
+    text = textFileLogObserver(open(stem + ".log", "a"))
+    structured = jsonFileLogObserver(open(stem + ".json", "a"))
+
+    def observe(event: dict[str, Any]) -> None:
+        if event.get("log_namespace") == ACCESS_NAMESPACE:
+            structured(event)
+        else:
+            text(event)
+
+    return observe
+
+
+def accessEvents(path: str) -> list[dict[str, Any]]:
+    """
+    The access-log events (one per flow) in a proxy's JSON log, in order.
+    """
+    from twisted.logger import eventsFromJSONLogFile
+
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [
+            dict(event) for event in eventsFromJSONLogFile(f)
+            if event.get("log_namespace") == ACCESS_NAMESPACE and "times" in event
+        ]
 
 
 def rawTcpSockets(namespace: Namespace) -> int:
@@ -257,6 +304,7 @@ class Bed:
         self._expected: dict[str, tuple[set[int], bool]] = {}
         self._server: subprocess.Popen[bytes] | None = None
         self._clients: list[Any] = []
+        self._captures: list[PacketCapture] = []
 
     def build(self, fastOpen: bool = False) -> Bed:
         """
@@ -282,6 +330,9 @@ class Bed:
             except Exception:
                 pass
         self._clients = []
+        for capture in self._captures:
+            capture.stop()
+        self._captures = []
         for stream in (self._server.stdin, self._server.stdout) if self._server else ():
             if stream is not None:
                 stream.close()
@@ -324,6 +375,8 @@ class Bed:
         path = os.path.join(self.directory, f"{name}.toml")
         with open(path, "w") as f:
             f.write(config)
+        environment = dict(os.environ)
+        environment[LOG_ENVIRONMENT] = os.path.join(self.directory, name)
         with open(os.path.join(self.directory, f"{name}.out"), "wb") as output:
             process = node.spawnPython(
                 [
@@ -331,10 +384,11 @@ class Bed:
                     # What the twistd script does, with this interpreter.
                     "import sys; sys.argv[0] = 'twistd'; "
                     "from twisted.scripts.twistd import run; run()",
-                    "-n", "--pidfile=", f"--logfile={os.path.join(self.directory, name + '.log')}",
+                    "-n", "--pidfile=", "--logger=miniproxy.evaluation.runner.logObserver",
                     "miniproxy", "--config", path,
                 ],
                 pythonPath=[REPO],
+                env=environment,
                 cwd=self.directory,
                 stdout=output,
             )
@@ -362,6 +416,23 @@ class Bed:
                 "        type filter hook prerouting priority mangle; policy accept;\n"
                 f"{rules}\n    }}\n}}\n"
             )
+
+    def accessLog(self, name: str) -> list[dict[str, Any]]:
+        """
+        The access-log events a proxy wrote so far (see L{accessEvents}).
+
+        @param name: The proxy host's short name.
+        """
+        return accessEvents(os.path.join(self.directory, f"{name}.json"))
+
+    def capture(self, node: Namespace, device: str, filter: Any = None) -> PacketCapture:
+        """
+        Start capturing on a host's device; the capture stops at teardown.
+        Read it (L{PacketCapture.read}) before the teardown.
+        """
+        capture = PacketCapture(node, device, filter=filter).start()
+        self._captures.append(capture)
+        return capture
 
     def proxyOutput(self, name: str) -> str:
         """
@@ -437,16 +508,20 @@ class Bed:
 
         return collector.ended.addCallback(ended)
 
-    def runFlows(self, flows: Sequence[Mapping[str, Any]]) -> Deferred[list[dict[str, Any]]]:
+    def runFlows(
+        self, flows: Sequence[Mapping[str, Any]], gap: float = 0.0
+    ) -> Deferred[list[dict[str, Any]]]:
         """
         Run flows one after the other from one client process.
 
         @param flows: See L{miniproxy.evaluation.client}; each result keeps
             its flow's C{tag}.
+        @param gap: Seconds between the end of a flow and the start of the
+            next.
         """
         return self.runClient(
-            {"flows": list(flows), "timeout": FLOW_TIMEOUT},
-            timeout=START_TIMEOUT + FLOW_TIMEOUT * max(len(flows), 1),
+            {"flows": list(flows), "timeout": FLOW_TIMEOUT, "gap": gap},
+            timeout=START_TIMEOUT + (FLOW_TIMEOUT + gap) * max(len(flows), 1),
         )
 
     def runBurst(self, host: str, port: int, count: int, size: int) -> Deferred[list[dict[str, Any]]]:
@@ -568,6 +643,8 @@ __all__ = [
     "EARLY_LISTENER",
     "EARLY_PORT",
     "Listener",
+    "accessEvents",
+    "logObserver",
     "interleave",
     "measured",
     "Rule",

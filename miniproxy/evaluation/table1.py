@@ -46,7 +46,8 @@ from miniproxy.evaluation.runner import (
     removeWorkDirectory,
     workDirectory,
 )
-from miniproxy.testbed.topology import Link, LineTopology
+from miniproxy.evaluation.packets import WireFlow, connections
+from miniproxy.testbed.topology import SERVER_SIDE, Link, LineTopology
 
 #: Simultaneous connection attempts.
 LEVELS = (30, 70, 110, 150, 190, 230)
@@ -75,9 +76,8 @@ def measure(
     """
     Run Table 1's bursts on one zero-delay line.
 
-    @return: A L{Deferred} firing with one row per connection: C{level},
-        C{path}, C{run}, C{index}, C{ok}, C{connect}, C{ttfb}, C{ttc} (ms),
-        C{error}.
+    @return: A L{Deferred} firing with one row per connection (see
+        L{row}).
     """
     line = LineTopology(proxies=1, links=[Link(veth=True), Link(veth=True)], ipv6=False)
     os.makedirs(directory, exist_ok=True)
@@ -85,24 +85,27 @@ def measure(
     @inlineCallbacks
     def body(bed: Any) -> Any:
         rows: list[dict[str, Any]] = []
+        server = bed.line.serverAddress
+        proxy = bed.line.proxies[0]
+        capture = bed.capture(bed.line.client, bed.line.interface(bed.line.client, SERVER_SIDE))
         # A warm-up burst per path, not measured.
         for port in paths.values():
-            yield bed.runBurst(bed.line.serverAddress, port, 10, size)
+            yield bed.runBurst(server, port, 10, size)
+        capture.read()
+        logged = len(bed.accessLog(proxy.shortName))
         for level in levels:
             for runIndex in range(runs):
                 for path, port in paths.items():
-                    results = yield bed.runBurst(bed.line.serverAddress, port, level, size)
+                    results = yield bed.runBurst(server, port, level, size)
+                    wire = connections(capture.read(), port)
+                    events = bed.accessLog(proxy.shortName)
+                    flows = proxyFlows(events[logged:])
+                    logged = len(events)
                     for result in results:
-                        row: dict[str, Any] = {
-                            "level": level, "path": path, "run": runIndex,
-                            "index": result["tag"], "ok": result["ok"],
-                            "error": result.get("error", ""),
-                        }
-                        for key in ("connect", "ttfb", "ttc"):
-                            value = result.get(key)
-                            row[key] = value * 1000 if value is not None else None
-                        rows.append(row)
+                        rows.append(row(level, path, runIndex, result, wire, flows))
             log(f"{NAME}: {level} simultaneous connections: done")
+        if capture.dropped:
+            raise RuntimeError(f"the capture on the client's device lost {capture.dropped} packets")
         return rows
 
     def setUp(bed: Any) -> None:
@@ -110,6 +113,65 @@ def measure(
 
     rows = yield onBed(reactor, line, directory, setUp, body)
     return rows
+
+
+def proxyFlows(events: Sequence[Mapping[str, Any]]) -> dict[int, Mapping[str, float | None]]:
+    """
+    The proxy's times of each flow in access-log events, by the client's
+    port.
+    """
+    flows = {}
+    for event in events:
+        client = str(event.get("client", ""))
+        if ":" in client:
+            flows[int(client.rsplit(":", 1)[1])] = event["times"]
+    return flows
+
+
+def _ms(start: float | None, end: float | None, scale: float) -> float | None:
+    if start is None or end is None:
+        return None
+    return (end - start) * scale
+
+
+def row(
+    level: int,
+    path: str,
+    runIndex: int,
+    result: Mapping[str, Any],
+    wire: Mapping[int, WireFlow],
+    flows: Mapping[int, Mapping[str, float | None]],
+) -> dict[str, Any]:
+    """
+    One connection's row: what the client saw, what the capture on its
+    device saw, and what the proxy logged.
+
+    @return: C{level}, C{path}, C{run}, C{index}, C{ok}, C{error}; in ms:
+        C{connect} and C{ttfb} (the capture: SYN to SYN-ACK, SYN to the
+        first byte of the answer), C{clientConnect} and C{clientTtfb} (the
+        client program's own clock), C{proxyEstablish} (the proxy's log:
+        from the flow's SYN, or its accept in accept mode, to its
+        connection to the server being made).
+    """
+    port = result.get("port")
+    flow = wire.get(port) if port else None
+    times = flows.get(port) if port else None
+    out: dict[str, Any] = {
+        "level": level, "path": path, "run": runIndex, "index": result.get("tag"),
+        "ok": bool(result.get("ok")), "error": result.get("error", ""),
+        "connect": flow.ms(flow.synAck) if flow else None,
+        "ttfb": flow.ms(flow.firstData) if flow else None,
+        "clientConnect": _ms(0, result.get("connect"), 1000),
+        "clientTtfb": _ms(0, result.get("ttfb"), 1000),
+        "proxyEstablish": None,
+    }
+    if times:
+        begin = times.get("synSeen") or times.get("accepted")
+        out["proxyEstablish"] = _ms(begin, times.get("outgoingConnected"), 1000)
+    if out["ok"] and (out["connect"] is None or out["ttfb"] is None):
+        out["ok"] = False
+        out["error"] = "not seen in the capture"
+    return out
 
 
 def summarise(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
@@ -129,11 +191,16 @@ def summarise(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
             ok = [r for r in group if r["ok"]]
             connect = report.summarise(r["connect"] for r in ok)
             ttfb = report.summarise(r["ttfb"] for r in ok)
+            establish = report.summarise(
+                r["proxyEstablish"] for r in ok if r.get("proxyEstablish") is not None)
+            clientTtfb = report.summarise(r["clientTtfb"] for r in ok if r.get("clientTtfb") is not None)
             cell = {
                 "level": level, "path": path, "connections": len(group),
                 "failures": len(group) - len(ok),
                 "connectMean": connect.mean, "connectMedian": connect.median, "connectP99": connect.p99,
                 "ttfbMean": ttfb.mean, "ttfbMedian": ttfb.median, "ttfbP99": ttfb.p99,
+                "establishMean": establish.mean, "establishP99": establish.p99,
+                "clientTtfbMean": clientTtfb.mean,
                 "paperMs": report.PAPER_TABLE1_MS.get(level, float("nan")),
             }
             if path == "no proxy":
@@ -146,7 +213,8 @@ def summarise(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
 
 
 COLUMNS = ("level", "path", "connections", "failures", "connectMean", "connectMedian",
-           "connectP99", "ttfbMean", "ttfbMedian", "ttfbP99", "proxyCostMean", "paperMs")
+           "connectP99", "ttfbMean", "ttfbMedian", "ttfbP99", "proxyCostMean", "establishMean",
+           "establishP99", "clientTtfbMean", "paperMs")
 
 
 def markdown(rows: Sequence[Mapping[str, Any]], cells: Sequence[Mapping[str, Any]],
@@ -183,6 +251,9 @@ def markdown(rows: Sequence[Mapping[str, Any]], cells: Sequence[Mapping[str, Any
         if path != "no proxy":
             table.append([f"{path}: proxy cost (mean)",
                           *[report.ms(byKey[level, path]["proxyCostMean"], 2) for level in levels]])
+            table.append([f"{path}: split connection established (proxy's log), mean / p99",
+                          *[f"{report.ms(byKey[level, path]['establishMean'], 2)} / "
+                            f"{report.ms(byKey[level, path]['establishP99'], 2)}" for level in levels]])
         table.append([f"{path}: failures",
                       *[f"{byKey[level, path]['failures']}/{byKey[level, path]['connections']}"
                         for level in levels]])
@@ -232,7 +303,7 @@ def write(out: str, rows: Sequence[Mapping[str, Any]], command: str, before: Map
     paths = [os.path.join(out, f"{NAME}-flows.csv"), os.path.join(out, f"{NAME}.csv"),
              os.path.join(out, f"{NAME}.md")]
     report.writeCSV(paths[0], rows, ("level", "path", "run", "index", "ok", "connect", "ttfb",
-                                     "ttc", "error"))
+                                     "clientConnect", "clientTtfb", "proxyEstablish", "error"))
     report.writeCSV(paths[1], cells, COLUMNS)
     with open(paths[2], "w") as f:
         f.write(markdown(rows, cells, command, before))
@@ -246,7 +317,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     """
     C{python -m miniproxy.evaluation.table1}; C{--help} says more.
     """
-    parser = arguments("python -m miniproxy.evaluation.table1", "The paper's Table 1.", RUNS)
+    parser = arguments("python -m miniproxy.evaluation.table1", "The paper's Table 1.", RUNS, gap=False)
     parser.add_argument("--levels", default=",".join(map(str, LEVELS)),
                         help="simultaneous connection attempts")
     args = parser.parse_args(argv)

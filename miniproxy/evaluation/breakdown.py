@@ -1,0 +1,361 @@
+# -*- test-case-name: tests.test_evaluation -*-
+"""
+Where the time goes: Figure 4's time to first byte taken apart with packet
+captures on every device of the line.
+
+C{python -m miniproxy.evaluation.breakdown [--runs N] [--quick] [--out
+docs/evaluation] [--proxies 0,1,2,3] [--size 10]}
+
+The line and the proxies of Figure 4 (L{miniproxy.evaluation.figure4}),
+flows of 10 KB (one window: the time to complete is the time to first byte
+and a few segments), early and accept mode in turn.  Every device of every
+host is captured (L{PacketCapture}: kernel timestamps on one clock), so
+each flow's packets are seen leaving one host and arriving at the next.
+Flows run one at a time, so the k-th connection on each link belongs to
+the k-th flow.  For each flow:
+
+  - B{links}: each traversal's one-way delay (a SYN leaving one end and
+    arriving at the other, and the first byte of the answer back), less
+    the configured delay: the delay line's own cost;
+  - B{each proxy}: I{SYN to SYN} (the client's SYN arriving to the proxy's
+    own SYN leaving: its reaction in early mode; a client-side round trip
+    more in accept mode), I{request relay} (from the moment it could send
+    the request, having both the request and its own handshake done, to
+    sending it), I{response relay} (the first byte of the answer in, to
+    out);
+  - B{the ends}: the client's request delay (its SYN-ACK in, to its request
+    out) and the server's answer delay (the request in, to the answer out);
+  - B{replay}: the model's timeline (L{miniproxy.model}) with each of these
+    measured medians put in where it happens: it should land on the
+    measured TTFB, showing that these parts are the whole difference from
+    the model.
+
+Outputs: C{breakdown.csv} (one row per flow and part) and C{breakdown.md}.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, Mapping, Sequence
+
+from twisted.internet.defer import inlineCallbacks
+
+from miniproxy.evaluation import report
+from miniproxy.evaluation.common import GAP, KB, RATE, arguments, run, runsFrom, setUpTransparent
+from miniproxy.evaluation.figure4 import PROXIES, RTT, modesFor
+from miniproxy.evaluation.packets import WireFlow, connections, inOrder
+from miniproxy.evaluation.runner import (
+    ACCEPT_PORT,
+    EARLY_PORT,
+    Bed,
+    interleave,
+    onBed,
+    removeWorkDirectory,
+    workDirectory,
+)
+from miniproxy.evaluation.common import cells
+from miniproxy.model import Mode, evenRTTs, ttfb
+from miniproxy.testbed.topology import CLIENT_SIDE, SERVER_SIDE, LineTopology
+
+RUNS = 10
+QUICK_RUNS = 3
+WARM_UP = 2
+#: The flows' size, bytes.
+SIZE = 10 * KB
+NAME = "breakdown"
+PORTS = {"direct": EARLY_PORT, "early": EARLY_PORT, "accept": ACCEPT_PORT}
+
+
+def _ms(start: int | None, end: int | None) -> float | None:
+    if start is None or end is None:
+        return None
+    return (end - start) / 1e6
+
+
+def flowParts(
+    chain: Sequence[tuple[WireFlow, WireFlow]],
+    delays: Sequence[float],
+) -> dict[str, float | None]:
+    """
+    The parts of one flow's time to first byte.
+
+    @param chain: For each link, client's first: the connection as seen at
+        the link's end nearer the client (leaving) and at its other end
+        (arriving).
+    @param delays: Each link's configured one-way delay, ms.
+    @return: C{ttfb} (the client's SYN out to the first byte of the answer
+        in, on its device), C{client} (its request delay), C{server} (its
+        answer delay); for each link M{i}: C{linkI.out} and C{linkI.back}
+        (the measured one-way delays towards the server, of the SYN, and
+        back, of the answer's first byte, less the configured delay); for
+        each proxy M{k}: C{pK.syn}, C{pK.request}, C{pK.response}; all ms.
+    """
+    parts: dict[str, float | None] = {}
+    first, _ = chain[0]
+    parts["ttfb"] = _ms(first.syn, first.firstData)
+    parts["client"] = _ms(first.synAck, first.request)
+    _, last = chain[-1]
+    parts["server"] = _ms(last.request, last.firstData)
+    for i, ((near, far), delay) in enumerate(zip(chain, delays)):
+        out = _ms(near.syn, far.syn)
+        back = _ms(far.firstData, near.firstData)
+        parts[f"link{i}.out"] = None if out is None else out - delay
+        parts[f"link{i}.back"] = None if back is None else back - delay
+    for k in range(1, len(chain)):
+        arriving = chain[k - 1][1]
+        leaving = chain[k][0]
+        parts[f"p{k}.syn"] = _ms(arriving.syn, leaving.syn)
+        could = None
+        if arriving.request is not None and leaving.synAck is not None:
+            could = max(arriving.request, leaving.synAck)
+        parts[f"p{k}.request"] = _ms(could, leaving.request)
+        parts[f"p{k}.response"] = _ms(leaving.firstData, arriving.firstData)
+    return parts
+
+
+def replay(parts: Mapping[str, float], delays: Sequence[float], mode: str) -> float:
+    """
+    The model's timeline of a flow's first byte with measured parts put in
+    (see L{flowParts}): a link crossing takes its configured delay plus
+    its measured extra, each proxy waits its measured SYN to SYN, request
+    and response relay, the client and the server their delays.
+
+    @param mode: C{early} or C{accept} (both use the measured SYN to SYN,
+        which in accept mode holds the client-side handshake), or
+        C{direct}.
+    @return: Milliseconds from the client's SYN to the first byte.
+    """
+    hops = len(delays)
+
+    def out(i: int) -> float:
+        return delays[i] + parts.get(f"link{i}.out", 0.0)
+
+    def back(i: int) -> float:
+        return delays[i] + parts.get(f"link{i}.back", 0.0)
+
+    synArrives = out(0)
+    requestArrives = out(0) + back(0) + parts.get("client", 0.0) + out(0)
+    for k in range(1, hops):
+        synLeaves = synArrives + parts.get(f"p{k}.syn", 0.0)
+        handshake = synLeaves + out(k) + back(k)
+        requestLeaves = max(requestArrives, handshake) + parts.get(f"p{k}.request", 0.0)
+        synArrives = synLeaves + out(k)
+        requestArrives = requestLeaves + out(k)
+    first = requestArrives + parts.get("server", 0.0)
+    for k in range(hops - 1, -1, -1):
+        first += back(k)
+        if k > 0:
+            first += parts.get(f"p{k}.response", 0.0)
+    return first
+
+
+def analyse(
+    line: LineTopology,
+    packets: Mapping[tuple[str, str], list[Any]],
+    results: Sequence[Mapping[str, Any]],
+) -> list[dict[str, Any]]:
+    """
+    Take every measured flow apart.
+
+    @param packets: The captures, by C{(host, device)}.
+    @param results: The client's results (warm-up flows included), in
+        order.
+    @return: One row per flow: C{proxies}, C{mode}, C{run}, C{clientTtfb}
+        (the client program's), and the parts of L{flowParts}.
+    """
+    names = line.names
+    delays = [spec.directions[0].delay for spec in line.specs]
+    rows = []
+    for mode, port in PORTS.items():
+        mine = [r for r in results if (r.get("tag") or {}).get("mode") == mode]
+        if not mine:
+            continue
+        perLink = []
+        for i in range(len(line.specs)):
+            near = inOrder(connections(packets[names[i], line.interface(i, SERVER_SIDE)], port, True))
+            far = inOrder(connections(packets[names[i + 1], line.interface(i + 1, CLIENT_SIDE)], port, False))
+            perLink.append((near, far))
+        for index, result in enumerate(mine):
+            if result["tag"].get("warm") or not result.get("ok"):
+                continue
+            chain = []
+            for near, far in perLink:
+                if index >= len(near) or index >= len(far):
+                    break
+                chain.append((near[index], far[index]))
+            if len(chain) != len(perLink) or chain[0][0].port != result.get("port"):
+                raise RuntimeError(f"flow {index} of {mode} mode not found in every capture")
+            row: dict[str, Any] = {
+                "proxies": len(line.specs) - 1, "mode": mode, "run": result["tag"]["run"],
+                "clientTtfb": result["ttfb"] * 1000,
+            }
+            row.update(flowParts(chain, delays))
+            rows.append(row)
+    return rows
+
+
+@inlineCallbacks
+def measure(
+    reactor: Any,
+    directory: str,
+    proxyCounts: Sequence[int] = PROXIES,
+    runs: int = RUNS,
+    size: int = SIZE,
+    rtt: float = RTT,
+    rate: int | None = RATE,
+    gap: float = GAP,
+    log: Callable[[str], None] = lambda line: None,
+) -> Any:
+    """
+    Run the traced flows, one line per number of proxies.
+
+    @return: A L{Deferred} firing with the rows of L{analyse}.
+    """
+    rows: list[dict[str, Any]] = []
+    for proxies in proxyCounts:
+        line = LineTopology(proxies=proxies, rtt=rtt, rate=rate, ipv6=False)
+        where = os.path.join(directory, f"proxies{proxies}")
+        os.makedirs(where, exist_ok=True)
+
+        @inlineCallbacks
+        def body(bed: Bed, proxies: int = proxies) -> Any:
+            captures = {}
+            for i, node in enumerate(bed.line.nodes):
+                for side in (CLIENT_SIDE, SERVER_SIDE):
+                    if (i == 0 and side == CLIENT_SIDE) or (i == len(bed.line.nodes) - 1 and side == SERVER_SIDE):
+                        continue
+                    device = bed.line.interface(i, side)
+                    captures[node.shortName, device] = bed.capture(node, device)
+            plan = cells(bed.line.serverAddress, modesFor(proxies), [size], proxies=proxies)
+            flows = interleave(plan, runs, WARM_UP, seed=proxies)
+            log(f"{NAME}: {proxies} proxies: {len(flows)} flows")
+            results = yield bed.runFlows(flows, gap)
+            packets = {key: capture.read() for key, capture in captures.items()}
+            lost = sum(capture.dropped for capture in captures.values())
+            if lost:
+                raise RuntimeError(f"the captures lost {lost} packets")
+            return analyse(bed.line, packets, results)
+
+        rows += yield onBed(reactor, line, where, setUpTransparent, body)
+    return rows
+
+
+def summarise(rows: Sequence[Mapping[str, Any]], rtt: float = RTT, rate: int | None = RATE) -> list[dict[str, Any]]:
+    """
+    The median of every part per number of proxies and mode, the model's
+    TTFB and the replay of the medians.
+    """
+    out = []
+    keys = sorted({(r["proxies"], r["mode"]) for r in rows}, key=lambda k: (k[0], modesFor(k[0]).index(k[1])))
+    for proxies, mode in keys:
+        group = [r for r in rows if r["proxies"] == proxies and r["mode"] == mode]
+        names = [k for k in group[0] if k not in ("proxies", "mode", "run")]
+        medians = {
+            name: report.summarise(r[name] for r in group if r.get(name) is not None).median
+            for name in names
+        }
+        hops = proxies + 1
+        delays = [rtt / (2 * hops)] * hops
+        model = ttfb(evenRTTs(rtt / 1000, proxies), Mode.ACCEPT if mode == "accept" else Mode.ESF,
+                     rate=rate) * 1000
+        cell = {"proxies": proxies, "mode": mode, "flows": len(group), "model": model, **medians}
+        cell["replay"] = replay(medians, delays, mode)
+        out.append(cell)
+    return out
+
+
+def markdown(cellList: Sequence[Mapping[str, Any]], command: str, before: Mapping[str, str]) -> str:
+    """
+    The markdown report: one table of medians per number of proxies and
+    mode.
+    """
+    notes = (
+        "Medians in ms over the traced flows (10 KB, Figure 4's line and proxies), from "
+        "kernel timestamps of captures on every device. *excess* is the measured TTFB less the "
+        "model; *links* is the sum, over every link crossing on the way, of the crossing's "
+        "measured delay less the configured one (out: a SYN; back: the answer's first byte); "
+        "*SYN→SYN*, *request*, *response* are each proxy's (p1, p2, ...); *replay* is the "
+        "model's timeline with these medians put in, to compare with the measured TTFB."
+    )
+    text = [report.preamble("Where the time goes: TTFB taken apart", command, before, notes)]
+    table = []
+    for c in cellList:
+        proxies = c["proxies"]
+        hops = proxies + 1
+        linkOut = [c.get(f"link{i}.out") for i in range(hops)]
+        linkBack = [c.get(f"link{i}.back") for i in range(hops)]
+
+        def each(what: str) -> str:
+            return " / ".join(report.ms(c.get(f"p{k}.{what}", float("nan")), 2)
+                              for k in range(1, proxies + 1)) or "–"
+
+        table.append((
+            proxies, c["mode"], c["flows"],
+            report.ms(c["ttfb"]), report.ms(c["clientTtfb"]), report.ms(c["model"]),
+            report.ms(c["ttfb"] - c["model"], 2),
+            " / ".join(report.ms(v, 2) for v in linkOut),
+            " / ".join(report.ms(v, 2) for v in linkBack),
+            each("syn"), each("request"), each("response"),
+            report.ms(c["client"], 2), report.ms(c["server"], 2),
+            report.ms(c["replay"]),
+        ))
+    text.append(report.markdownTable(
+        ["proxies", "mode", "flows", "TTFB (wire)", "TTFB (client)", "model", "excess",
+         "links out, extra", "links back, extra", "SYN→SYN", "request relay", "response relay",
+         "client", "server", "replay"],
+        table,
+    ))
+    return "\n".join(text)
+
+
+COLUMNS_FIRST = ("proxies", "mode", "run", "clientTtfb", "ttfb", "client", "server")
+
+
+def write(out: str, rows: Sequence[Mapping[str, Any]], command: str, before: Mapping[str, str]) -> list[str]:
+    """
+    Write the outputs into directory C{out}.
+
+    @return: The paths written.
+    """
+    os.makedirs(out, exist_ok=True)
+    columns = list(COLUMNS_FIRST)
+    for r in rows:
+        columns += [k for k in r if k not in columns]
+    paths = [os.path.join(out, f"{NAME}.csv"), os.path.join(out, f"{NAME}.md")]
+    report.writeCSV(paths[0], rows, columns)
+    with open(paths[1], "w") as f:
+        f.write(markdown(summarise(rows), command, before))
+    return paths
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """
+    C{python -m miniproxy.evaluation.breakdown}; C{--help} says more.
+    """
+    parser = arguments("python -m miniproxy.evaluation.breakdown",
+                       "Figure 4's TTFB taken apart with packet captures.", RUNS)
+    parser.add_argument("--proxies", default=",".join(map(str, PROXIES)),
+                        help="numbers of proxies (0,1,2,3)")
+    parser.add_argument("--size", type=float, default=SIZE / KB, help="flow size in KB (10)")
+    args = parser.parse_args(argv)
+    runs = runsFrom(args, RUNS, QUICK_RUNS)
+    before = report.machine()
+    command = report.commandLine(argv)
+
+    @inlineCallbacks
+    def experiment(reactor: Any) -> Any:
+        directory = workDirectory(args.keep)
+        try:
+            rows = yield measure(reactor, directory,
+                                 proxyCounts=[int(p) for p in args.proxies.split(",")],
+                                 runs=runs, gap=args.gap, size=int(args.size * KB), log=print)
+        finally:
+            removeWorkDirectory(directory, args.keep)
+        for path in write(args.out, rows, command, before):
+            print(f"wrote {path}")
+
+    run(experiment)
+
+
+if __name__ == "__main__":
+    main()
