@@ -19,12 +19,6 @@ from typing import Any
 
 from twisted.internet import error
 from twisted.internet.defer import Deferred, fail
-from twisted.internet.endpoints import (
-    HostnameEndpoint,
-    TCP4ClientEndpoint,
-    TCP6ClientEndpoint,
-    wrapClientTLS,
-)
 from twisted.internet.interfaces import (
     IHandshakeListener,
     IProtocol,
@@ -240,6 +234,14 @@ class Dialer:
         to an address literal, happy eyeballs to a name, bound to
         C{nextHop.bindAddress} if given.
         """
+        # Twisted's endpoints module imports its TLS support: only when
+        # needed, not at start-up (see L{_literalEndpoint}).
+        from twisted.internet.endpoints import (
+            HostnameEndpoint,
+            TCP4ClientEndpoint,
+            TCP6ClientEndpoint,
+        )
+
         host = nextHop.address.host
         port = nextHop.address.port
         bind = (nextHop.bindAddress, 0) if nextHop.bindAddress else None
@@ -294,8 +296,38 @@ class Dialer:
         """
         endpoint = self.tcpEndpointFor(nextHop)
         if nextHop.tls:
+            from twisted.internet.endpoints import wrapClientTLS
+
             endpoint = wrapClientTLS(self.tlsOptionsFor(nextHop), endpoint)
         return endpoint
+
+    def _literalEndpoint(self, nextHop: NextHop) -> IStreamClientEndpoint:
+        """
+        The endpoint that connects a plain TCP leg: to an address literal,
+        a L{TunedTCPClientEndpoint}, which hands the transport the leg
+        itself (no wrapping protocol) and needs no
+        L{twisted.internet.endpoints}; to a name, or on a reactor that is
+        not a real one, L{tcpEndpointFor}.
+        """
+        from twisted.internet.posixbase import PosixReactorBase
+
+        host = nextHop.address.host
+        literal = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+        try:
+            ipaddress.ip_address(literal.split("%", 1)[0])
+        except ValueError:
+            return self.tcpEndpointFor(nextHop)
+        if not isinstance(self.reactor, PosixReactorBase):
+            # A reactor of tests (MemoryReactor): Twisted's own endpoint.
+            return self.tcpEndpointFor(nextHop)
+        return TunedTCPClientEndpoint(
+            self.reactor,
+            literal,
+            nextHop.address.port,
+            self.socketOptionsFor(nextHop),
+            timeout=self.timeout,
+            bindAddress=(nextHop.bindAddress, 0) if nextHop.bindAddress else None,
+        )
 
     def connect(self, nextHop: NextHop, factory: IProtocolFactory) -> Deferred:
         """
@@ -311,7 +343,7 @@ class Dialer:
             if getattr(nextHop, "carry", None) == "tcp-option":
                 return self._connectWithOption(nextHop, factory)
             if not nextHop.tls:
-                return self.tcpEndpointFor(nextHop).connect(factory)
+                return self._literalEndpoint(nextHop).connect(factory)
             return self._connectTLS(nextHop, factory)
         except Exception:
             return fail()
@@ -353,6 +385,8 @@ class Dialer:
         return endpoint.connect(factory).addBoth(done)
 
     def _connectTLS(self, nextHop: NextHop, factory: IProtocolFactory) -> Deferred:
+        from twisted.internet.endpoints import wrapClientTLS
+
         hostname = nextHop.tlsHostname or nextHop.address.host
         endpoint = wrapClientTLS(self.tlsOptionsFor(nextHop), self.tcpEndpointFor(nextHop))
         connecting: list[Deferred] = []

@@ -11,8 +11,7 @@ from typing import Any, Callable, Sequence
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService
-from twisted.internet.defer import Deferred, FirstError, gatherResults
-from twisted.internet.endpoints import serverFromString
+from twisted.internet.defer import Deferred, FirstError, fail, gatherResults, succeed
 from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -23,7 +22,6 @@ from miniproxy.optionemitter import OptionEmitter
 from miniproxy.errors import ConfigError, FunctionError
 from miniproxy.flow import ConnectMode
 from miniproxy.flowtable import FlowTable
-from miniproxy.functions.discovery import getFunctions
 from miniproxy.interfaces import IFlowHandlerFactory
 from miniproxy.legs import AcceptedLegFactory
 from miniproxy.tcpclient import enableFastOpenListener
@@ -43,6 +41,8 @@ def configureFunctions(
     """
     if not config.functions:
         return ()
+    from miniproxy.functions.discovery import getFunctions
+
     try:
         installed = getFunctions(package)
     except FunctionError as e:
@@ -74,9 +74,63 @@ def withBacklog(description: str, backlog: int) -> str:
     Twisted's default of 50 drops connections under bursts.
     """
     kind = description.split(":", 1)[0]
-    if kind in ("tcp", "tcp6", "ssl", "tproxy") and ":backlog=" not in description:
+    if kind in ("tcp", "tcp6", "ssl", "tproxy", "unix") and ":backlog=" not in description:
         return f"{description}:backlog={backlog}"
     return description
+
+
+class TCPServerEndpoint:
+    """
+    A plain TCP server endpoint (C{reactor.listenTCP}), as Twisted's
+    C{tcp:} and C{tcp6:} ones, made without L{twisted.internet.endpoints},
+    which imports its TLS support (a tenth of a second or more of
+    start-up).
+    """
+
+    def __init__(self, reactor: Any, port: int, interface: str, backlog: int) -> None:
+        self.reactor = reactor
+        self.port = port
+        self.interface = interface
+        self.backlog = backlog
+
+    def listen(self, factory: Any) -> Deferred:
+        """
+        Listen with C{factory}.
+
+        @return: A L{Deferred} firing with the listening port, or failing
+            with L{CannotListenError}.
+        """
+        try:
+            port = self.reactor.listenTCP(
+                self.port, factory, backlog=self.backlog, interface=self.interface
+            )
+        except BaseException:
+            return fail()
+        return succeed(port)
+
+
+def serverEndpoint(reactor: Any, description: str, backlog: int) -> Any:
+    """
+    The server endpoint of a listener: a L{TCPServerEndpoint} for a plain
+    C{tcp:} or C{tcp6:} description, otherwise Twisted's C{serverFromString}
+    (with the default backlog added, see L{withBacklog}).
+
+    @raise ConfigError: If the description is bad.
+    """
+    from miniproxy.workers import parseListenDescription
+
+    try:
+        kind, interface, port, given = parseListenDescription(description)
+    except ConfigError:
+        kind = None
+    if kind in ("tcp", "tcp6"):
+        return TCPServerEndpoint(reactor, port, interface, given or backlog)
+    from twisted.internet.endpoints import serverFromString
+
+    try:
+        return serverFromString(reactor, withBacklog(description, backlog))
+    except (ValueError, TypeError, KeyError) as e:
+        raise ConfigError(f"bad listen endpoint {description!r}: {e}") from None
 
 
 def _portOf(service: StreamServerEndpointService) -> Deferred:
@@ -139,8 +193,14 @@ class ProxyService(MultiService):
         # Started when a leg first carries its destination in a TCP option.
         self.optionEmitter = OptionEmitter.shared(reactor)
         self.listeners: list[StreamServerEndpointService] = []
-        for i, settings in enumerate(config.listeners):
-            self._makeListener(settings, endpoints[i] if endpoints is not None else None)
+        try:
+            for i, settings in enumerate(config.listeners):
+                self._makeListener(settings, endpoints[i] if endpoints is not None else None)
+        except BaseException:
+            # A bad listener: this service never runs, so it never stops
+            # and would keep the shared emitter (and its iptables rule).
+            self.optionEmitter.release()
+            raise
 
     def _makeListener(
         self, settings: ListenerSettings, endpoint: Any = None
@@ -154,15 +214,9 @@ class ProxyService(MultiService):
             onFlowClosed=self.onFlowClosed,
         )
         if endpoint is None:
-            try:
-                endpoint = serverFromString(
-                    self.reactor,
-                    withBacklog(settings.endpoint, self.config.limits.listenBacklog),
-                )
-            except (ValueError, TypeError, KeyError) as e:
-                raise ConfigError(
-                    f"bad listen endpoint {settings.endpoint!r}: {e}"
-                ) from None
+            endpoint = serverEndpoint(
+                self.reactor, settings.endpoint, self.config.limits.listenBacklog
+            )
         if settings.mode is ConnectMode.EARLY and settings.synTap:
             context.early = self.early
         context.dialer.optionEmitter = self.optionEmitter

@@ -21,10 +21,10 @@ from __future__ import annotations
 import socket
 from typing import Any, Callable, Sequence
 
-from twisted.internet import tcp
+from twisted.internet import error, tcp
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import _WrappingFactory
 from twisted.internet.interfaces import IProtocolFactory, IStreamClientEndpoint
+from twisted.internet.protocol import ClientFactory
 from zope.interface import implementer
 
 #: Linux's C{TCP_FASTOPEN_CONNECT} (4.11 and later).
@@ -110,6 +110,77 @@ def usesFastOpen(transport: Any) -> bool:
         return False
 
 
+class _Connecting(ClientFactory):
+    """
+    The factory a L{TunedTCPClientEndpoint} connects with: it hands the
+    transport the protocol C{wrapped} builds (Twisted's endpoints put a
+    wrapping protocol between them, one more object per connection and one
+    more call per read), and fires C{deferred} with it once it is
+    connected.
+
+    @ivar deferred: Fires with the connected protocol, or fails with the
+        connection error (L{error.ConnectingCancelledError} when
+        cancelled).
+    """
+
+    noisy = False
+
+    def __init__(self, wrapped: IProtocolFactory) -> None:
+        self._wrapped = wrapped
+        self._connector: Any = None
+        self.deferred: Deferred = Deferred(self._cancel)
+
+    def _cancel(self, deferred: Deferred) -> None:
+        deferred.errback(error.ConnectingCancelledError(self._connector.getDestination()))
+        self._connector.stopConnecting()
+
+    def startedConnecting(self, connector: Any) -> None:
+        """
+        Remember the connector, to cancel the attempt.
+        """
+        self._connector = connector
+
+    def doStart(self) -> None:
+        """
+        Passed on to the wrapped factory.
+        """
+        self._wrapped.doStart()
+
+    def doStop(self) -> None:
+        """
+        Passed on to the wrapped factory.
+        """
+        self._wrapped.doStop()
+
+    def buildProtocol(self, addr: Any) -> Any:
+        """
+        The wrapped factory's protocol; a failure or L{None} fails the
+        attempt.
+        """
+        try:
+            protocol = self._wrapped.buildProtocol(addr)
+            if protocol is None:
+                raise error.NoProtocol()
+        except BaseException:
+            self.deferred.errback()
+            return None
+        return protocol
+
+    def connected(self, protocol: Any) -> None:
+        """
+        The transport connected C{protocol}.
+        """
+        if not self.deferred.called:
+            self.deferred.callback(protocol)
+
+    def clientConnectionFailed(self, connector: Any, reason: Any) -> None:
+        """
+        Fail the attempt.
+        """
+        if not self.deferred.called:
+            self.deferred.errback(reason)
+
+
 class _TunedClient(tcp.Client):
     def __init__(
         self,
@@ -125,6 +196,12 @@ class _TunedClient(tcp.Client):
         self._socketOptions = options
         self._onSocket = onSocket
         super().__init__(host, port, bindAddress, connector, reactor)
+
+    def _connectDone(self) -> None:
+        super()._connectDone()
+        factory = self.connector.factory
+        if isinstance(factory, _Connecting):
+            factory.connected(self.protocol)
 
     def createInternetSocket(self) -> socket.socket:
         sock = super().createInternetSocket()
@@ -191,7 +268,7 @@ class TunedTCPClientEndpoint:
         @raise OSError: From C{setsockopt}, as a failed L{Deferred}.
         """
         try:
-            wrapped = _WrappingFactory(protocolFactory)
+            wrapped = _Connecting(protocolFactory)
             connector = _TunedConnector(
                 self._host,
                 self._port,
@@ -203,7 +280,7 @@ class TunedTCPClientEndpoint:
                 onSocket=self.onSocket,
             )
             connector.connect()
-            return wrapped._onConnection
+            return wrapped.deferred
         except BaseException:
             from twisted.internet.defer import fail
 

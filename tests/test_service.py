@@ -215,6 +215,8 @@ class BadListenerTests(unittest.TestCase):
         from twisted.internet import reactor
 
         service = ProxyService(self.config("tcp:0:interface=127.0.0.1"), reactor)
+        # Never started, so never stopped: give back its share of the emitter.
+        self.addCleanup(service.optionEmitter.release)
         e = self.assertRaises(
             ConfigError,
             service.addListener,
@@ -239,11 +241,15 @@ class BadListenerTests(unittest.TestCase):
 
     def test_backlog(self) -> None:
         """
-        L{withBacklog} adds the configured backlog to TCP endpoints that
-        have none, and leaves others alone.
+        L{withBacklog} adds the configured backlog to the endpoints that
+        listen(2) themselves (TCP, TLS, transparent and UNIX sockets) and
+        have none, and leaves the others alone.
         """
         self.assertEqual(withBacklog("tcp:80", 7), "tcp:80:backlog=7")
         self.assertEqual(withBacklog("tcp:80:backlog=3", 7), "tcp:80:backlog=3")
-        self.assertEqual(withBacklog("unix:/tmp/s", 7), "unix:/tmp/s")
+        self.assertEqual(withBacklog("tproxy:80", 7), "tproxy:80:backlog=7")
+        self.assertEqual(withBacklog("unix:/tmp/s", 7), "unix:/tmp/s:backlog=7")
+        self.assertEqual(withBacklog("systemd:domain=INET:index=0", 7),
+                         "systemd:domain=INET:index=0")
 
 

@@ -135,7 +135,9 @@ class ConfigTests(unittest.TestCase):
         self.assertIsNone(group.logFile)
         options = tap.Options()
         options.parseOptions(["--to", "tcp:host=127.0.0.1:port=9"])
-        self.assertIsInstance(tap.makeService(options, MemoryReactorClock()), ProxyService)
+        service = tap.makeService(options, MemoryReactorClock())
+        self.addCleanup(service.optionEmitter.release)
+        self.assertIsInstance(service, ProxyService)
 
     def test_unknownFunction(self) -> None:
         """
