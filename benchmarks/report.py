@@ -513,7 +513,7 @@ def write(results: dict[str, Any], out: Path, plots: bool = True,
     (out / "results.json").write_text(json.dumps(results, indent=2, sort_keys=False) + "\n")
     with open(out / "results.csv", "w", newline="") as f:
         csv.writer(f).writerows(csvRows(results))
-    table = markdown(results)
+    table = markdown(results, heading="###")
     if isinstance(results.get("plots"), list):
         table += "\n" + "\n".join(
             f"![{name}](performance/{name})" for name in results["plots"]) + "\n"
