@@ -35,6 +35,7 @@ from benchmarks.peers import (
     listeningPorts,
     memoryOf,
     pinned,
+    processTree,
     waitFor,
 )
 
@@ -376,9 +377,12 @@ def idleMemory(bench: Bench, peer: Peer, pairs: int = 1000,
             process = bench.peerProcess()
             assert process is not None
             # Warm up with a few pairs, so that one-time allocations are
-            # in the baseline.
+            # in the baseline; a forking server's children for them must
+            # be gone first.
+            processes = len(processTree(process.pid))
             _hold(bench, port, min(20, pairs), timeout, lambda: None)
-            time.sleep(0.2)  # let a forking server reap its children
+            waitFor(lambda: len(processTree(process.pid)) <= processes, timeout,
+                    f"{peer.name}: children of the warm-up pairs")
             before = memoryOf(process.pid)
             during: dict[str, int] = {}
             held = _hold(bench, port, pairs, timeout,
@@ -412,8 +416,8 @@ def _hold(bench: Bench, port: int, pairs: int, timeout: float,
         if not line or line[0] != "held":
             raise RuntimeError(f"mpbench hold: {line!r}")
         ok, failed = int(line[1]), int(line[2])
-        # Let the proxy finish what the last pairs started.
-        time.sleep(0.2)
+        # Every pair got the backend's byte through the proxy: both of its
+        # legs are up.
         whileHeld()
         process.stdin.close()
         process.stdout.readline()
