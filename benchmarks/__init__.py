@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_benchmarks -*-
 """
 Benchmarks of miniproxy beside its peers (HAProxy, socat, Twisted's port
 forwarder), run on loopback with the proxy pinned to one core.

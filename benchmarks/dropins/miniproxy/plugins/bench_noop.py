@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_benchmarks -*-
 """
 The benchmarks' no-op proxy function, as a third-party dropin: put
 C{benchmarks/dropins} on C{PYTHONPATH} and run miniproxy with
