@@ -225,12 +225,16 @@ class SynTapTests(unittest.TestCase):
             client.connect((host, number))
             ports.append(client.getsockname()[1])
         # The SYN reached the taps before the handshake completed.
+        # Under load a SYN may be retransmitted (the SYN tap reports each
+        # copy; EarlySyns counts the repeats): compare the connections seen.
         for i, tap in enumerate(taps):
             mine = sorted(p for p in ports if workerOf(p, 2) == i)
             # The kernel filter dropped the others: they were never read.
-            self.assertEqual(tap.readQueued(), len(mine))
-            self.assertEqual(sorted(s.source.port for s in recorders[i].segments), mine)
-        self.assertEqual(taps[0].seen + taps[1].seen, len(ports))
+            queued = tap.readQueued()
+            seenPorts = [s.source.port for s in recorders[i].segments]
+            self.assertEqual(sorted(set(seenPorts)), mine)
+            self.assertEqual(queued, len(seenPorts))
+        self.assertGreaterEqual(taps[0].seen + taps[1].seen, len(ports))
 
     def test_share(self) -> None:
         """
