@@ -292,6 +292,7 @@ def plot(cellList: Sequence[Mapping[str, Any]], esf: Mapping[tuple[int, str, flo
                       markersize=3, color=colour, alpha=0.6, label=f"{name}, ESF (Figure 4)")
     sizes = sorted({c["sizeKB"] for c in cellList})
     axes.set_xscale("log")
+    axes.minorticks_off()
     axes.set_xticks(sizes)
     axes.set_xticklabels([f"{s:g}" for s in sizes])
     axes.set_xlabel("flow size (KB)")

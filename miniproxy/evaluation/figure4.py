@@ -84,6 +84,7 @@ def measure(
     warmUp: int = WARM_UP,
     gap: float = GAP,
     modes: Callable[[int], list[str]] = modesFor,
+    congestionControl: str | None = None,
     log: Callable[[str], None] = lambda line: None,
 ) -> Any:
     """
@@ -99,6 +100,8 @@ def measure(
     @param warmUp: Flows per cell before those measured.
     @param gap: Seconds between flows.
     @param modes: The modes to measure for a number of proxies.
+    @param congestionControl: Another congestion control than the
+        kernel's default, in every namespace (to investigate only).
     @param log: Called with a line of progress.
     @return: A L{Deferred} firing with the measured rows (see
         L{miniproxy.evaluation.runner.measured}), tagged with C{proxies}.
@@ -115,7 +118,8 @@ def measure(
             log(f"{NAME}: {proxies} proxies: {len(flows)} flows")
             return bed.runFlows(flows, gap)
 
-        results = yield onBed(reactor, line, where, setUpTransparent, body)
+        results = yield onBed(reactor, line, where, setUpTransparent, body,
+                              congestionControl=congestionControl)
         rows += measured(results)
         log(f"{NAME}: {proxies} proxies: done")
     return rows
@@ -289,6 +293,7 @@ def plot(cellList: Sequence[Mapping[str, Any]], path: str) -> bool:
             if mode != "accept":
                 left.plot(x, [c["ttcModel"] for c in line], linestyle=":", color=colour, linewidth=1)
     left.set_xscale("log")
+    left.minorticks_off()
     left.set_xticks([c for c in sorted({c["sizeKB"] for c in cellList})])
     left.set_xticklabels([f"{c:g}" for c in sorted({c["sizeKB"] for c in cellList})])
     left.set_xlabel("flow size (KB)")
@@ -301,18 +306,19 @@ def plot(cellList: Sequence[Mapping[str, Any]], path: str) -> bool:
         for proxies in counts:
             line = [c for c in cellList if c["proxies"] == proxies and c["mode"] in (mode, "direct")]
             if line:
-                points.append((proxies, sorted(c["ttfbMedian"] for c in line)[len(line) // 2],
-                               line[0]["ttfbModel"] if mode == "accept" or proxies == 0 else min(c["ttfbModel"] for c in line)))
+                measured = report.percentile([c["ttfbMedian"] for c in line], 50)
+                points.append((proxies, measured, line[0]["ttfbModel"]))
         if points:
-            right.plot([p[0] for p in points], [p[1] for p in points], marker=marker, label=f"{label}, measured")
+            right.plot([p[0] for p in points], [p[1] for p in points], marker=marker,
+                       label=f"{label}, measured")
             right.plot([p[0] for p in points], [p[2] for p in points], linestyle=":", marker=marker,
                        fillstyle="none", label=f"{label}, model")
     paper = [(0, 200.0)] + [(n, 200.0 * (1 - cut / 100)) for n, cut in report.PAPER_TTFB_REDUCTION.items()]
     right.plot([p[0] for p in paper], [p[1] for p in paper], "k*", label="paper (ESF)")
-    right.set_xticks(counts)
+    right.set_xticks(sorted(set(counts) | set(report.PAPER_TTFB_REDUCTION) | {0}))
     right.set_xlabel("proxies")
     right.set_ylabel("time to first byte (ms)")
-    right.set_title("TTFB (median of the cells' medians)")
+    right.set_title("TTFB (median over the sizes of the cells' medians)")
     right.grid(True, alpha=0.3)
     right.legend(fontsize=8)
     report.savePlot(figure, path)
@@ -349,9 +355,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--proxies", default=",".join(map(str, PROXIES)),
                         help="numbers of proxies (0,1,2,3)")
     parser.add_argument("--sizes", default=",".join(map(str, SIZES_KB)), help="flow sizes in KB")
+    parser.add_argument("--congestion-control", default=None,
+                        help="set this congestion control in every namespace instead of the "
+                             "kernel's default (to investigate; not for the figure)")
     args = parser.parse_args(argv)
     runs = runsFrom(args)
     before = report.machine()
+    if args.congestion_control:
+        before["congestion control"] = f"{args.congestion_control} (set in every namespace)"
     command = report.commandLine(argv)
 
     @inlineCallbacks
@@ -362,7 +373,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 reactor, directory,
                 proxyCounts=[int(p) for p in args.proxies.split(",")],
                 sizes=[int(float(s) * KB) for s in args.sizes.split(",")],
-                runs=runs, gap=args.gap, log=print,
+                runs=runs, gap=args.gap, congestionControl=args.congestion_control, log=print,
             )
         finally:
             removeWorkDirectory(directory, args.keep)

@@ -209,6 +209,7 @@ def plot(cellList: Sequence[Mapping[str, Any]], path: str) -> bool:
         axes.plot(x, [c["ttcModel"] for c in line], linestyle=":", color=colour, linewidth=1)
     sizes = sorted({c["sizeKB"] for c in cellList})
     axes.set_xscale("log")
+    axes.minorticks_off()
     axes.set_xticks(sizes)
     axes.set_xticklabels([f"{s:g}" for s in sizes])
     axes.set_xlabel("flow size (KB)")

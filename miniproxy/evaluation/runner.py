@@ -306,17 +306,23 @@ class Bed:
         self._clients: list[Any] = []
         self._captures: list[PacketCapture] = []
 
-    def build(self, fastOpen: bool = False) -> Bed:
+    def build(self, fastOpen: bool = False, congestionControl: str | None = None) -> Bed:
         """
         Build the line.
 
         @param fastOpen: Set C{net.ipv4.tcp_fastopen=3} (client and server
             Fast Open) in every namespace.
+        @param congestionControl: Set C{net.ipv4.tcp_congestion_control} in
+            every namespace (L{None}: keep the default, which a namespace
+            takes from the host).  Only to investigate: the experiments
+            keep the default.
         """
         self.line.build()
-        if fastOpen:
-            for node in self.line.nodes:
+        for node in self.line.nodes:
+            if fastOpen:
                 node.sysctl("net.ipv4.tcp_fastopen", 3)
+            if congestionControl is not None:
+                node.sysctl("net.ipv4.tcp_congestion_control", congestionControl)
         return self
 
     def teardown(self) -> None:
@@ -543,6 +549,7 @@ def onBed(
     setUp: Any,
     body: Any,
     fastOpen: bool = False,
+    congestionControl: str | None = None,
 ) -> Any:
     """
     Build a line, set it up, run C{body} on it, and tear it down whatever
@@ -552,11 +559,13 @@ def onBed(
         the proxies (it may return a L{Deferred}).
     @param body: Called with the L{Bed} once the proxies are ready; returns
         a L{Deferred} of the result.
+    @param fastOpen: See L{Bed.build}.
+    @param congestionControl: See L{Bed.build}.
     @return: A L{Deferred} of C{body}'s result.
     """
     bed = Bed(reactor, line, directory)
     try:
-        bed.build(fastOpen=fastOpen)
+        bed.build(fastOpen=fastOpen, congestionControl=congestionControl)
         yield setUp(bed)
         if bed.proxyProcesses:
             yield bed.waitForProxies()
