@@ -11,6 +11,7 @@ FIN on the other, and an abort on one leg into a reset on the other.
 
 from __future__ import annotations
 
+import heapq
 import socket
 import struct
 from enum import Enum
@@ -153,6 +154,132 @@ def describeFailure(reason: Failure) -> str:
     return text
 
 
+#: The handlers of a flow whose listener runs no function (shared: a chain
+#: with no handler never changes).
+_NO_HANDLERS = HandlerChain(())
+
+
+class _IdleEntry:
+    """
+    A flow's place in L{IdleTimers}: when it is to be checked.
+    """
+
+    __slots__ = ("deadline", "flow")
+
+    def __init__(self, deadline: float, flow: Flow) -> None:
+        self.deadline = deadline
+        self.flow = flow
+
+    def __lt__(self, other: _IdleEntry) -> bool:
+        return self.deadline < other.deadline
+
+
+class IdleTimers:
+    """
+    The idle timeouts of the flows of one table, with one delayed call for
+    all of them instead of one per flow (a delayed call, its bound methods
+    and argument containers are some 400 bytes a flow, and a push and a pop
+    on the reactor's heap).
+
+    Each flow has one entry in a heap, due when it would time out if no
+    byte passed since it was checked: its last activity plus its idle
+    timeout.  When an entry is due, the flow is reset if it was idle that
+    long, or its entry is pushed again for its new deadline: the timeout is
+    exact, as with a delayed call per flow.  An entry whose flow finished
+    or was rescheduled is dropped when it comes up, and the heap is rebuilt
+    without them when they are over half of it.
+
+    @ivar watched: How many flows are watched.
+    """
+
+    def __init__(self, reactor: Any) -> None:
+        self.reactor = reactor
+        self._heap: list[_IdleEntry] = []
+        self._call: Any = None
+        self._checking = False
+        self._stale = 0
+        self.watched = 0
+
+    def watch(self, flow: Flow, deadline: float) -> _IdleEntry:
+        """
+        Check C{flow} at C{deadline} (reactor seconds).
+
+        @return: Its entry, which the flow keeps while it is watched.
+        """
+        self.watched += 1
+        return self._push(flow, deadline)
+
+    def _push(self, flow: Flow, deadline: float) -> _IdleEntry:
+        entry = _IdleEntry(deadline, flow)
+        heap = self._heap
+        heapq.heappush(heap, entry)
+        call = self._call
+        if self._checking:
+            # _due schedules the next call once it is done.
+            pass
+        elif call is None:
+            # The earliest entry, which may be older than this one.
+            self._call = self.reactor.callLater(
+                max(heap[0].deadline - self.reactor.seconds(), 0), self._due
+            )
+        elif deadline < call.getTime():
+            call.reset(max(deadline - self.reactor.seconds(), 0))
+        return entry
+
+    def forget(self, entry: _IdleEntry) -> None:
+        """
+        The flow of C{entry} finished: stop watching it.
+        """
+        entry.flow = None  # type: ignore[assignment]
+        self.watched -= 1
+        self._stale += 1
+        if not self.watched:
+            self._heap = []
+            self._stale = 0
+            call, self._call = self._call, None
+            if call is not None and call.active():
+                call.cancel()
+        elif self._stale > 64 and self._stale * 2 > len(self._heap):
+            self._heap = [e for e in self._heap if e.flow is not None]
+            heapq.heapify(self._heap)
+            self._stale = 0
+
+    def _due(self) -> None:
+        self._call = None
+        now = self.reactor.seconds()
+        self._checking = True
+        try:
+            self._check(now)
+        finally:
+            self._checking = False
+        if not self.watched:
+            self._heap = []
+            self._stale = 0
+        elif self._heap and self._call is None:
+            self._call = self.reactor.callLater(
+                max(self._heap[0].deadline - self.reactor.seconds(), 0), self._due
+            )
+
+    def _check(self, now: float) -> None:
+        # A reset below may end other flows, which may rebuild the heap:
+        # always use the current one.
+        while self._heap and self._heap[0].deadline <= now:
+            entry = heapq.heappop(self._heap)
+            flow = entry.flow
+            if flow is None:
+                self._stale -= 1
+                continue
+            idle = flow._context.limits.idleTimeout
+            last = flow._lastActivity
+            if now - last >= idle:
+                entry.flow = None  # type: ignore[assignment]
+                self.watched -= 1
+                flow._idleCall = None
+                flow._idleTimedOut(idle)
+            else:
+                flow._idleCall = self._push(flow, last + idle)
+
+
 def resetTransport(transport: Any) -> None:
     """
     Abort a transport with C{SO_LINGER} 0, so that the kernel sends a RST
@@ -234,14 +361,16 @@ class Flow:
         self.proxyHeader: Any = None
         self._carrier: Any = None
         self._awaitingCarrier = False
-        self._chain = HandlerChain(())
+        self._chain = _NO_HANDLERS
         self._accepted: Leg | None = None
         self._outgoing: Leg | None = None
         self._connecting: Any = None
-        self._toServer: list[bytes] = []
+        # The bytes held for a leg not connected or accepted yet: a list
+        # only once there are some.
+        self._toServer: list[bytes] | None = None
         self._toServerSize = 0
         self._finToServer = False
-        self._toClient: list[bytes] = []
+        self._toClient: list[bytes] | None = None
         self._toClientSize = 0
         self._finToClient = False
         self._answering = False
@@ -294,18 +423,23 @@ class Flow:
             # Known from the accept: a flow ended by an early-SYN hook is
             # logged with its start time.
             self.times.accepted = self._now()
-        handlers = []
-        for name, factory in context.functions:
-            handler = factory.handlerForFlow(self)
-            if handler is not None:
-                handlers.append((name, handler))
-        self._chain = HandlerChain(handlers)
-        context.table.add(self)
-        if context.limits.idleTimeout:
-            self._lastActivity = self._now()
-            self._idleCall = context.reactor.callLater(
-                context.limits.idleTimeout, self._checkIdle
-            )
+        if context.functions:
+            handlers = []
+            for name, factory in context.functions:
+                handler = factory.handlerForFlow(self)
+                if handler is not None:
+                    handlers.append((name, handler))
+            if handlers:
+                self._chain = HandlerChain(handlers)
+        table = context.table
+        table.add(self)
+        idle = context.limits.idleTimeout
+        if idle:
+            timers = table.idleTimers
+            if timers is None:
+                timers = table.idleTimers = IdleTimers(context.reactor)
+            self._lastActivity = now = self._now()
+            self._idleCall = timers.watch(self, now + idle)
         if self._awaitingCarrier:
             # The destination is still to be read from the client's first
             # bytes: the hooks and the outgoing leg wait for it.
@@ -379,8 +513,8 @@ class Flow:
             # The outgoing leg connected first (at the SYN): pair them now.
             leg.registerPeer(outgoing)
             outgoing.registerPeer(leg)
-        pending, self._toClient, self._toClientSize = self._toClient, [], 0
-        for data in pending:
+        pending, self._toClient, self._toClientSize = self._toClient, None, 0
+        for data in pending or ():
             leg.transport.write(data)
         if outgoing is not None:
             outgoing.resumeReading(PAUSED_EARLY)
@@ -413,8 +547,8 @@ class Flow:
             leg.registerPeer(accepted)
         if not self._runLifecycleHook("outgoingConnected"):
             return
-        pending, self._toServer, self._toServerSize = self._toServer, [], 0
-        for data in pending:
+        pending, self._toServer, self._toServerSize = self._toServer, None, 0
+        for data in pending or ():
             leg.transport.write(data)
         if accepted is not None:
             accepted.resumeReading(PAUSED_EARLY)
@@ -575,6 +709,8 @@ class Flow:
                 self._splice.beforeWrite(True)
             outgoing.transport.write(data)
             return
+        if self._toServer is None:
+            self._toServer = []
         self._toServer.append(data)
         self._toServerSize += len(data)
         if (
@@ -599,6 +735,8 @@ class Flow:
             return
         # Not accepted yet (the outgoing leg connected at the SYN): hold the
         # bytes, within the same bound as those held for the server.
+        if self._toClient is None:
+            self._toClient = []
         self._toClient.append(data)
         self._toClientSize += len(data)
         if (
@@ -831,19 +969,14 @@ class Flow:
             return False
         return self.outcome is None
 
-    def _checkIdle(self) -> None:
-        self._idleCall = None
+    def _idleTimedOut(self, idle: float) -> None:
+        """
+        No byte passed for C{idle} seconds (see L{IdleTimers}).
+        """
         if self._finished:
             return
-        idle = self._context.limits.idleTimeout
-        elapsed = self._now() - self._lastActivity
-        if elapsed >= idle:
-            self._setOutcome(Outcome.IDLE_TIMEOUT, f"no traffic for {idle:g}s")
-            self._resetAll()
-        else:
-            self._idleCall = self._context.reactor.callLater(
-                idle - elapsed, self._checkIdle
-            )
+        self._setOutcome(Outcome.IDLE_TIMEOUT, f"no traffic for {idle:g}s")
+        self._resetAll()
 
     def legLost(self, leg: Leg, reason: Failure) -> None:
         """
@@ -892,11 +1025,11 @@ class Flow:
             carrier.stop()
         self._setOutcome(Outcome.OK, None)
         self.times.closed = self._now()
-        if self._idleCall is not None and self._idleCall.active():
-            self._idleCall.cancel()
-        self._idleCall = None
-        self._toServer = []
-        self._toClient = []
+        entry, self._idleCall = self._idleCall, None
+        if entry is not None:
+            self._context.table.idleTimers.forget(entry)
+        self._toServer = None
+        self._toClient = None
         self._context.table.remove(self)
         self._chain.runClosed(self)
         self._context.flowClosed(self)

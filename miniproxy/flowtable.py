@@ -6,7 +6,7 @@ per source.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from miniproxy.flow import Flow
@@ -18,7 +18,11 @@ class FlowTable:
 
     @ivar flows: The open flows.
     @ivar refused: How many flows were refused for being over a limit.
+    @ivar idleTimers: The idle timeouts of the flows (a
+        L{miniproxy.flow.IdleTimers}), made by the first flow with one.
     """
+
+    idleTimers: Any = None
 
     def __init__(self, maxFlows: int, maxFlowsPerSource: int) -> None:
         self.maxFlows = maxFlows

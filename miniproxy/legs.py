@@ -6,6 +6,11 @@ The accepted leg faces the client (or the previous proxy); the outgoing leg
 faces the server (or the next proxy).  Each leg is the push producer that
 its peer's transport pauses when it has too much to write, and each is
 half-closeable: a FIN read on one leg becomes a FIN written on the other.
+
+The legs and the outgoing leg's factory have C{__slots__}, and so do not
+inherit Twisted's L{Protocol} and L{Factory} (which have none, so a
+subclass would still have a C{__dict__} per instance): there are two legs
+per flow, and a flow held open costs what its objects hold.
 """
 
 from __future__ import annotations
@@ -14,11 +19,14 @@ from typing import TYPE_CHECKING, Any
 
 from twisted.internet.interfaces import (
     IHalfCloseableProtocol,
+    ILoggingContext,
+    IProtocol,
+    IProtocolFactory,
     IPushProducer,
     ISSLTransport,
     ITCPTransport,
 )
-from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.internet.protocol import Factory, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -32,28 +40,129 @@ if TYPE_CHECKING:
 
 _log = Logger(namespace="miniproxy.legs")
 
+#: The attributes a TCP transport of a flow gets, in the order it gets
+#: them: Twisted's own, then the legs' (C{bufferSize}, the producer), then
+#: the splice path's (C{doRead}, C{doWrite}).
+_SERVER_ATTRIBUTES = (
+    "reactor", "_tempDataBuffer", "_tempDataLen", "socket", "fileno", "protocol",
+    "server", "client", "sessionno", "hostname", "logstr", "repstr", "connected",
+    "bufferSize", "producer", "streamingProducer", "doRead", "doWrite",
+)
+_CLIENT_ATTRIBUTES = (
+    "connector", "addr", "_requiresResolution", "reactor", "_tempDataBuffer",
+    "_tempDataLen", "socket", "fileno", "doWrite", "doRead", "protocol",
+    "realAddress", "connected", "logstr", "bufferSize", "producer",
+    "streamingProducer", "dataBuffer", "offset",
+)
 
-@implementer(IHalfCloseableProtocol, IPushProducer)
-class Leg(Protocol):
+
+def primeSharedKeys(cls: type, names: tuple[str, ...]) -> None:
+    """
+    Teach CPython the instance attributes of C{cls} before its instances
+    need them.
+
+    CPython (3.11 and later) keeps the attribute names of a class's
+    instances in keys the instances share, and their values in a small
+    array each.  An instance given a name the shared keys did not have
+    when it was made may have to make a whole dict of its own instead:
+    Twisted's transports get C{producer} and C{streamingProducer} (when a
+    leg registers as its peer's producer) and C{bufferSize} well after they
+    are made, which costs each transport some 500 bytes, or not, depending
+    on which connection happened to set them first.  A throwaway instance
+    given every name once puts them all in the shared keys.  Elsewhere it
+    costs nothing.
+    """
+    try:
+        instance = cls.__new__(cls)
+        for name in names:
+            object.__setattr__(instance, name, None)
+    except Exception:
+        pass
+
+
+def primeTransports() -> None:
+    """
+    L{primeSharedKeys} for the transports of the legs: Twisted's TCP
+    server connections and miniproxy's outgoing ones.
+    """
+    from twisted.internet import tcp
+
+    from miniproxy.tcpclient import _TunedClient
+
+    primeSharedKeys(tcp.Server, _SERVER_ATTRIBUTES)
+    primeSharedKeys(tcp.Client, _CLIENT_ATTRIBUTES)
+    primeSharedKeys(_TunedClient, _CLIENT_ATTRIBUTES)
+
+
+primeTransports()
+
+
+@implementer(IProtocol, ILoggingContext, IHalfCloseableProtocol, IPushProducer)
+class Leg:
     """
     What both legs share: the flow they belong to, pausing, and closing
     once both directions have ended.
 
     @ivar flow: The flow.
+    @ivar transport: The leg's transport, once connected.
+    @ivar connected: Whether C{makeConnection} was called (as
+        L{twisted.internet.protocol.BaseProtocol}'s).
+    @ivar factory: The factory that made the leg.
     @ivar readClosed: The peer sent a FIN (or the leg is closed).
     @ivar writeClosed: This leg's write side is shut down.
     @ivar disconnected: The connection is closed.
     """
 
+    __slots__ = (
+        "flow",
+        "transport",
+        "connected",
+        "factory",
+        "_paused",
+        "_peer",
+        "readClosed",
+        "writeClosed",
+        "disconnected",
+        "aborting",
+    )
+
     flow: Flow
 
     def __init__(self) -> None:
+        self.transport: Any = None
+        self.connected = 0
+        self.factory: Any = None
         self._paused = 0
         self._peer: Leg | None = None
         self.readClosed = False
         self.writeClosed = False
         self.disconnected = False
         self.aborting = False
+
+    # IProtocol
+    def makeConnection(self, transport: Any) -> None:
+        """
+        The transport is connected: remember it, then L{connectionMade}.
+        """
+        self.connected = 1
+        self.transport = transport
+        self.connectionMade()
+
+    def connectionMade(self) -> None:
+        """
+        See L{IProtocol.connectionMade}.
+        """
+
+    def dataReceived(self, data: bytes) -> None:
+        """
+        See L{IProtocol.dataReceived}.
+        """
+
+    def logPrefix(self) -> str:
+        """
+        See L{ILoggingContext.logPrefix}.
+        """
+        return self.__class__.__name__
 
     def registerPeer(self, peer: Leg) -> None:
         """
@@ -204,6 +313,8 @@ class AcceptedLeg(Leg):
     The leg facing the client or the previous proxy.
     """
 
+    __slots__ = ()
+
     factory: AcceptedLegFactory
 
     def connectionMade(self) -> None:
@@ -244,12 +355,19 @@ class AcceptedLeg(Leg):
 class OutgoingLeg(Leg):
     """
     The leg facing the server or the next proxy.
+
+    @ivar fastOpen: Whether it connected with TCP Fast Open.
+    @ivar preamble: The bytes written before any other: the header that
+        tells the next proxy the flow's destination (see
+        L{miniproxy.carriers}), or none.
     """
 
-    fastOpen = False
-    #: The bytes written before any other: the header that tells the next
-    #: proxy the flow's destination (see L{miniproxy.carriers}), or none.
-    preamble = b""
+    __slots__ = ("fastOpen", "preamble")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fastOpen = False
+        self.preamble = b""
 
     def connectionMade(self) -> None:
         """
@@ -329,10 +447,13 @@ class AcceptedLegFactory(Factory):
         return leg
 
 
-class OutgoingLegFactory(Factory):
+@implementer(IProtocolFactory)
+class OutgoingLegFactory:
     """
     Makes the outgoing leg of one flow.
     """
+
+    __slots__ = ("flow", "preamble")
 
     noisy = False
 
@@ -354,3 +475,13 @@ class OutgoingLegFactory(Factory):
         leg.factory = self
         leg.preamble = self.preamble
         return leg
+
+    def doStart(self) -> None:
+        """
+        See L{IProtocolFactory.doStart}.
+        """
+
+    def doStop(self) -> None:
+        """
+        See L{IProtocolFactory.doStop}.
+        """

@@ -24,7 +24,6 @@ from typing import Any, Callable, Sequence
 from twisted.internet import error, tcp
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IProtocolFactory, IStreamClientEndpoint
-from twisted.internet.protocol import ClientFactory
 from zope.interface import implementer
 
 #: Linux's C{TCP_FASTOPEN_CONNECT} (4.11 and later).
@@ -110,7 +109,8 @@ def usesFastOpen(transport: Any) -> bool:
         return False
 
 
-class _Connecting(ClientFactory):
+@implementer(IProtocolFactory)
+class _Connecting:
     """
     The factory a L{TunedTCPClientEndpoint} connects with: it hands the
     transport the protocol C{wrapped} builds (Twisted's endpoints put a
@@ -118,39 +118,41 @@ class _Connecting(ClientFactory):
     more call per read), and fires C{deferred} with it once it is
     connected.
 
+    It lives as long as the connection (its connector keeps it), so it
+    has C{__slots__}, and lets go of the Deferred and the wrapped factory
+    once connected.
+
     @ivar deferred: Fires with the connected protocol, or fails with the
         connection error (L{error.ConnectingCancelledError} when
-        cancelled).
+        cancelled); L{None} once fired.
     """
+
+    __slots__ = ("_wrapped", "_connector", "deferred")
 
     noisy = False
 
     def __init__(self, wrapped: IProtocolFactory) -> None:
-        self._wrapped = wrapped
+        self._wrapped: IProtocolFactory | None = wrapped
         self._connector: Any = None
-        self.deferred: Deferred = Deferred(self._cancel)
+        self.deferred: Deferred | None = Deferred(self._cancel)
 
     def _cancel(self, deferred: Deferred) -> None:
         deferred.errback(error.ConnectingCancelledError(self._connector.getDestination()))
         self._connector.stopConnecting()
 
-    def startedConnecting(self, connector: Any) -> None:
-        """
-        Remember the connector, to cancel the attempt.
-        """
-        self._connector = connector
-
     def doStart(self) -> None:
         """
         Passed on to the wrapped factory.
         """
-        self._wrapped.doStart()
+        if self._wrapped is not None:
+            self._wrapped.doStart()
 
     def doStop(self) -> None:
         """
-        Passed on to the wrapped factory.
+        Passed on to the wrapped factory, if still connecting.
         """
-        self._wrapped.doStop()
+        if self._wrapped is not None:
+            self._wrapped.doStop()
 
     def buildProtocol(self, addr: Any) -> Any:
         """
@@ -158,44 +160,56 @@ class _Connecting(ClientFactory):
         attempt.
         """
         try:
-            protocol = self._wrapped.buildProtocol(addr)
+            protocol = self._wrapped.buildProtocol(addr)  # type: ignore[union-attr]
             if protocol is None:
                 raise error.NoProtocol()
         except BaseException:
-            self.deferred.errback()
+            self._fire(None)
             return None
         return protocol
 
+    def _fire(self, result: Any) -> None:
+        d, self.deferred = self.deferred, None
+        if d is None or d.called:
+            return
+        if result is None:
+            d.errback()
+        else:
+            d.callback(result)
+
     def connected(self, protocol: Any) -> None:
         """
-        The transport connected C{protocol}.
+        The transport connected C{protocol}: fire, and let go.
         """
-        if not self.deferred.called:
-            self.deferred.callback(protocol)
+        self._wrapped = None
+        d, self.deferred = self.deferred, None
+        if d is not None and not d.called:
+            d.callback(protocol)
+
+    def startedConnecting(self, connector: Any) -> None:
+        """
+        Remember the connector, to cancel the attempt.
+        """
+        self._connector = connector
 
     def clientConnectionFailed(self, connector: Any, reason: Any) -> None:
         """
         Fail the attempt.
         """
-        if not self.deferred.called:
-            self.deferred.errback(reason)
+        d, self.deferred = self.deferred, None
+        if d is not None and not d.called:
+            d.errback(reason)
+
+    def clientConnectionLost(self, connector: Any, reason: Any) -> None:
+        """
+        The connection ended: the protocol was told.
+        """
 
 
 class _TunedClient(tcp.Client):
-    def __init__(
-        self,
-        host: str,
-        port: int,
-        bindAddress: Any,
-        connector: Any,
-        reactor: Any,
-        options: Sequence[SocketOption],
-        onSocket: Callable[[socket.socket], None] | None = None,
-    ) -> None:
-        # tcp.Client creates its socket in __init__.
-        self._socketOptions = options
-        self._onSocket = onSocket
-        super().__init__(host, port, bindAddress, connector, reactor)
+    # The options are the connector's: a transport has about 20 attributes
+    # of its own, and one more past 21 costs each connection its share of
+    # the class's dict keys (some 600 bytes).
 
     def _connectDone(self) -> None:
         super()._connectDone()
@@ -204,11 +218,14 @@ class _TunedClient(tcp.Client):
             factory.connected(self.protocol)
 
     def createInternetSocket(self) -> socket.socket:
+        # tcp.Client creates its socket in __init__, once it has its
+        # connector.
         sock = super().createInternetSocket()
-        for level, name, value in self._socketOptions:
+        connector = self.connector
+        for level, name, value in connector._socketOptions:
             sock.setsockopt(level, name, value)
-        if self._onSocket is not None:
-            self._onSocket(sock)
+        if connector._onSocket is not None:
+            connector._onSocket(sock)
         return sock
 
 
@@ -225,10 +242,7 @@ class _TunedConnector(tcp.Connector):
         super().__init__(*args, **kwargs)
 
     def _makeTransport(self) -> tcp.Client:
-        return _TunedClient(
-            self.host, self.port, self.bindAddress, self, self.reactor,
-            self._socketOptions, self._onSocket,
-        )
+        return _TunedClient(self.host, self.port, self.bindAddress, self, self.reactor)
 
 
 @implementer(IStreamClientEndpoint)
@@ -279,8 +293,9 @@ class TunedTCPClientEndpoint:
                 options=self.options,
                 onSocket=self.onSocket,
             )
+            d = wrapped.deferred
             connector.connect()
-            return wrapped.deferred
+            return d
         except BaseException:
             from twisted.internet.defer import fail
 

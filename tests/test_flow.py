@@ -10,7 +10,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from hypothesis import given
+from hypothesis import strategies as st
 from twisted.internet import error
+from twisted.internet.task import Clock
 from twisted.logger import capturedLogs, formatEvent
 from twisted.python.failure import Failure
 from twisted.trial import unittest
@@ -21,6 +24,7 @@ from miniproxy.flow import (
     ConnectMode,
     Flow,
     FlowTimes,
+    IdleTimers,
     Moment,
     Outcome,
     describeFailure,
@@ -1432,3 +1436,122 @@ class SynTests(FlowTestCase):
         self.assertIs(driver.flow.startedBy, Moment.ACCEPT)
         driver.connectOutgoing()
         self.assertTrue(driver.finSentToServer)
+
+
+class _WatchedFlow:
+    """
+    What L{IdleTimers} uses of a flow: its idle timeout, its last activity,
+    its entry, and being timed out.
+    """
+
+    def __init__(self, timers: Any, clock: Any, idle: float) -> None:
+        from types import SimpleNamespace
+
+        self._context = SimpleNamespace(limits=SimpleNamespace(idleTimeout=idle))
+        self._lastActivity = clock.seconds()
+        self._clock = clock
+        self.timedOut: float | None = None
+        self._idleCall = timers.watch(self, clock.seconds() + idle)
+
+    def active(self) -> None:
+        self._lastActivity = self._clock.seconds()
+
+    def _idleTimedOut(self, idle: float) -> None:
+        self.timedOut = self._clock.seconds()
+
+
+class IdleTimersTests(unittest.TestCase):
+    """
+    L{IdleTimers} times out many flows with one delayed call, exactly when
+    each has been idle for its timeout.
+    """
+
+    @given(
+        st.lists(
+            st.tuples(
+                st.sampled_from([1.0, 2.5, 10.0]),
+                st.lists(st.integers(1, 60).map(lambda n: n / 4), max_size=6),
+            ),
+            min_size=1,
+            max_size=12,
+        )
+    )
+    def test_exact(self, flows: list[tuple[float, list[float]]]) -> None:
+        """
+        Each flow is timed out at its last activity plus its timeout, the
+        last activity being the last one before that; one delayed call
+        runs at a time, and none once every flow timed out.
+        """
+        clock = Clock()
+        timers = IdleTimers(clock)
+        watched = []
+        events: list[tuple[float, int]] = []
+        for i, (idle, activity) in enumerate(flows):
+            watched.append(_WatchedFlow(timers, clock, idle))
+            at = 0.0
+            for gap in activity:
+                at += gap
+                events.append((at, i))
+        expected = []
+        for i, (idle, activity) in enumerate(flows):
+            last, at = 0.0, 0.0
+            for gap in activity:
+                at += gap
+                if at - last >= idle:
+                    break
+                last = at
+            expected.append(last + idle)
+        # Every time is a multiple of 1/4 s: step through them all, so that
+        # each delayed call runs at its own time.
+        byStep: dict[int, list[int]] = {}
+        for at, i in events:
+            byStep.setdefault(round(at * 4), []).append(i)
+        for step in range(1, round(max(expected) * 4) + 2):
+            clock.advance(0.25)
+            self.assertLessEqual(len(clock.getDelayedCalls()), 1)
+            for i in byStep.get(step, []):
+                if watched[i].timedOut is None:
+                    watched[i].active()
+        self.assertEqual([f.timedOut for f in watched], expected)
+        self.assertEqual(timers.watched, 0)
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_forget(self) -> None:
+        """
+        Forgotten flows are never timed out; once every flow is forgotten
+        no delayed call is left; many forgotten entries are swept out.
+        """
+        clock = Clock()
+        timers = IdleTimers(clock)
+        flows = [_WatchedFlow(timers, clock, 10.0) for _ in range(200)]
+        self.assertEqual(len(clock.getDelayedCalls()), 1)
+        for flow in flows[:150]:
+            timers.forget(flow._idleCall)
+        self.assertLess(len(timers._heap), 200)
+        clock.advance(10)
+        self.assertEqual([f.timedOut for f in flows[:150]], [None] * 150)
+        self.assertEqual({f.timedOut for f in flows[150:]}, {10.0})
+        flow = _WatchedFlow(timers, clock, 5.0)
+        timers.forget(flow._idleCall)
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_sharedByFlows(self) -> None:
+        """
+        The flows of one harness share one delayed call for their idle
+        timeouts.
+        """
+        harness = FlowHarness(functions=(), limits=Limits(idleTimeout=10), to=SERVER)
+        drivers = [harness.accept(client=HostPort("192.0.2.1", 1000 + i)) for i in range(5)]
+        for driver in drivers:
+            driver.connectOutgoing()
+        self.assertEqual(len(harness.reactor.getDelayedCalls()), 1)
+        harness.advance(5)
+        drivers[0].clientSends(b"x")
+        harness.advance(5)
+        self.assertEqual(sum(1 for d in drivers if d.closed), 4)
+        self.assertFalse(drivers[0].closed)
+        harness.advance(4.9)
+        self.assertFalse(drivers[0].closed)
+        harness.advance(0.1)
+        self.assertTrue(drivers[0].closed)
+        self.assertEqual(harness.reactor.getDelayedCalls(), [])

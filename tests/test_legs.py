@@ -554,3 +554,84 @@ class RealSocketTests(unittest.TestCase):
             self.assertEqual((flow.bytesFromClient, flow.bytesFromServer), (len(up), len(down)))
 
         return defer.gatherResults([serverGot, clientGot, flowClosed]).addCallback(check)
+
+
+class SlotsTests(unittest.TestCase):
+    """
+    The legs and the outgoing leg's factory hold no C{__dict__}, and still
+    are Twisted protocols and a factory.
+    """
+
+    def test_noDict(self) -> None:
+        """
+        Neither leg, nor L{OutgoingLegFactory}, has an instance dict; both
+        legs provide L{IProtocol}, the factory L{IProtocolFactory}.
+        """
+        from twisted.internet.interfaces import IProtocol, IProtocolFactory
+
+        factory = OutgoingLegFactory(object())  # type: ignore[arg-type]
+        for leg in (AcceptedLeg(), factory.buildProtocol(None)):
+            self.assertFalse(hasattr(leg, "__dict__"))
+            self.assertTrue(verifyObject(IProtocol, leg))
+            self.assertEqual(leg.logPrefix(), type(leg).__name__)
+        self.assertFalse(hasattr(factory, "__dict__"))
+        self.assertTrue(verifyObject(IProtocolFactory, factory))
+
+    def test_makeConnection(self) -> None:
+        """
+        C{makeConnection} sets the transport and C{connected}, then calls
+        C{connectionMade}, as L{Protocol}'s does.
+        """
+        flow = object()
+        leg = OutgoingLegFactory(flow).buildProtocol(None)  # type: ignore[arg-type]
+        made = []
+        leg.flow = type("F", (), {"outgoingLegMade": lambda self, l: made.append(l)})()
+        transport = StringTransport()
+        leg.makeConnection(transport)
+        self.assertIs(leg.transport, transport)
+        self.assertEqual(leg.connected, 1)
+        self.assertEqual(made, [leg])
+
+
+class PrimeSharedKeysTests(unittest.TestCase):
+    """
+    L{primeSharedKeys} spares the instances of a class the dict of their
+    own that attributes set late would cost them (CPython 3.11+).
+    """
+
+    def test_lateAttributes(self) -> None:
+        """
+        Instances given two attributes after they were made allocate
+        nothing for them once the class is primed with their names.
+        """
+        import sys
+        import tracemalloc
+
+        from miniproxy.legs import primeSharedKeys
+
+        if sys.implementation.name != "cpython" or sys.version_info < (3, 11):
+            raise unittest.SkipTest("shared keys with inline values are CPython 3.11's")
+
+        def late(prime: bool) -> int:
+            cls = type("Transport", (), {})
+
+            def init(self: Any) -> None:
+                for i in range(13):
+                    setattr(self, f"a{i}", i)
+
+            cls.__init__ = init  # type: ignore[misc]
+            if prime:
+                primeSharedKeys(cls, tuple(f"a{i}" for i in range(13)) + ("producer", "streaming"))
+            instances = [cls() for _ in range(100)]
+            tracemalloc.start()
+            try:
+                before = tracemalloc.get_traced_memory()[0]
+                for instance in instances:
+                    instance.producer = 1
+                    instance.streaming = True
+                return (tracemalloc.get_traced_memory()[0] - before) // len(instances)
+            finally:
+                tracemalloc.stop()
+
+        self.assertGreater(late(prime=False), 200)
+        self.assertLess(late(prime=True), 50)

@@ -86,7 +86,7 @@ class BufferProbe:
         toServer = flow._toServerSize + buffered(
             outgoing.transport if outgoing is not None else None
         )
-        toClient = sum(len(b) for b in flow._toClient) + buffered(
+        toClient = flow._toClientSize + buffered(
             accepted.transport if accepted is not None else None
         )
         self.measurements += 1
@@ -100,18 +100,23 @@ class BufferProbe:
         """
         transport = leg.transport
         write = transport.write
-        dataReceived = leg.dataReceived
+        probe = self
+        base = type(leg)
 
         def measuredWrite(data: bytes) -> None:
             write(data)
             self.measure(flow)
 
-        def measuredRead(data: bytes) -> None:
-            dataReceived(data)
-            self.measure(flow)
+        class Measured(base):  # type: ignore[valid-type,misc]
+            # Legs have __slots__: measure reads with a subclass.
+            __slots__ = ()
+
+            def dataReceived(self, data: bytes) -> None:
+                base.dataReceived(self, data)
+                probe.measure(flow)
 
         transport.write = measuredWrite
-        leg.dataReceived = measuredRead
+        leg.__class__ = Measured
 
 
 class _ProbeHandler(FlowHandler):
