@@ -777,8 +777,10 @@ class AdoptedEndpoint:
         """
         from twisted.internet.defer import fail
 
+        from miniproxy.service import adoptBatched
+
         try:
-            port = self.reactor.adoptStreamPort(self.fileno, self.family, factory)
+            port = adoptBatched(self.reactor, self.fileno, self.family, factory)
             os.close(self.fileno)
         except BaseException:
             return fail()

@@ -253,3 +253,74 @@ class BadListenerTests(unittest.TestCase):
                          "systemd:domain=INET:index=0")
 
 
+
+
+class AcceptBatchTests(unittest.TestCase):
+    """
+    A plain TCP listener accepts every queued connection in one wake-up,
+    however few the last one found.
+    """
+
+    def listen(self) -> tuple[Any, list[Any]]:
+        from twisted.internet import reactor
+        from twisted.internet.protocol import Factory, Protocol
+
+        from miniproxy.service import serverEndpoint
+
+        built: list[Any] = []
+
+        class Count(Factory):
+            noisy = False
+
+            def buildProtocol(self, addr: Any) -> Protocol:
+                protocol = Protocol()
+                built.append(protocol)
+                return protocol
+
+        endpoint = serverEndpoint(reactor, "tcp:0:interface=127.0.0.1", 1024)
+        port = self.successResultOf(endpoint.listen(Count()))
+        self.addCleanup(port.stopListening)
+        return port, built
+
+    def connect(self, port: Any, n: int) -> None:
+        for _ in range(n):
+            client = socket.socket()
+            self.addCleanup(client.close)
+            client.connect(("127.0.0.1", port.getHost().port))
+
+    def test_burstInOneWakeUp(self) -> None:
+        """
+        After a wake-up that found one connection (Twisted's own port then
+        accepts one at a time), 300 queued connections are all accepted by
+        the next wake-up, with one more for the batch found full.
+        """
+        from miniproxy.service import ACCEPT_BATCH
+
+        port, built = self.listen()
+        self.connect(port, 1)
+        port.doRead()
+        self.assertEqual(len(built), 1)
+        self.assertEqual(port.numberAccepts, ACCEPT_BATCH)
+        self.connect(port, 300)
+        port.doRead()
+        self.assertEqual(len(built), 1 + ACCEPT_BATCH)
+        self.assertEqual(port.numberAccepts, ACCEPT_BATCH + 20)
+        port.doRead()
+        self.assertEqual(len(built), 301)
+        for protocol in built:
+            protocol.transport.abortConnection()
+
+    def test_memoryReactor(self) -> None:
+        """
+        On a reactor of tests, the reactor's own port is used.
+        """
+        from twisted.internet.protocol import Factory
+        from twisted.internet.testing import MemoryReactor
+
+        from miniproxy.service import serverEndpoint
+
+        reactor = MemoryReactor()
+        endpoint = serverEndpoint(reactor, "tcp:8080:interface=127.0.0.1:backlog=9", 1024)
+        self.successResultOf(endpoint.listen(Factory()))
+        [(port, _, backlog, interface)] = reactor.tcpServers
+        self.assertEqual((port, backlog, interface), (8080, 9, "127.0.0.1"))
