@@ -371,6 +371,8 @@ class BreakdownTests(unittest.TestCase):
         accept = {f"p{k}.syn": rtt / hops for k in range(1, hops)}
         self.assertAlmostEqual(breakdown.replay(accept, delays, "accept"),
                                ttfb(evenRTTs(rtt, proxies), Mode.ACCEPT), places=6)
+        self.assertAlmostEqual(breakdown.replay({}, delays, "tfo"),
+                               ttfb(evenRTTs(rtt, proxies), Mode.TFO_ALL), places=6)
 
     def test_replayAddsOnCriticalPath(self) -> None:
         """
@@ -384,6 +386,19 @@ class BreakdownTests(unittest.TestCase):
         self.assertAlmostEqual(breakdown.replay({"p1.response": 0.5, "server": 0.25}, delays, "early"),
                                base + 0.75)
         self.assertAlmostEqual(breakdown.replay({"link0.out": 0.1}, delays, "early"), base + 0.2)
+        fastOpen = breakdown.replay({}, delays, "tfo")
+        self.assertAlmostEqual(breakdown.replay({"p1.syn": 2.0, "p1.response": 0.5}, delays, "tfo"),
+                               fastOpen + 2.5)
+
+    def test_linkPort(self) -> None:
+        """
+        A Fast Open chain's flows go to the explicit listeners between
+        proxies, and to the server's port on the first and last links.
+        """
+        self.assertEqual([breakdown.linkPort("tfo", i, 4) for i in range(4)],
+                         [runner.EARLY_PORT, runner.CHAIN_LISTENER, runner.CHAIN_LISTENER,
+                          runner.EARLY_PORT])
+        self.assertEqual({breakdown.linkPort("accept", i, 4) for i in range(4)}, {runner.ACCEPT_PORT})
 
     def test_flowParts(self) -> None:
         """
@@ -407,6 +422,25 @@ class BreakdownTests(unittest.TestCase):
         self.assertAlmostEqual(parts["p1.response"], 1.0)
         self.assertAlmostEqual(parts["link0.out"], 0.0)
         self.assertAlmostEqual(parts["link1.back"], 24.8 - 25.0 + 0.0, places=6)
+
+    def test_flowPartsFastOpen(self) -> None:
+        """
+        When the SYNs carry the request, there is no separate request
+        relay, and no client request delay.
+        """
+        ms = 1_000_000
+        clientSide = WireFlow(1, syn=0, synAck=50 * ms, request=0, firstData=103 * ms, synData=100)
+        atProxy = WireFlow(1, syn=25 * ms, synAck=25 * ms, request=25 * ms, firstData=78 * ms,
+                           synData=100)
+        proxyOut = WireFlow(2, syn=27 * ms, synAck=77 * ms, request=27 * ms, firstData=77 * ms,
+                            synData=128)
+        atServer = WireFlow(2, syn=52 * ms, synAck=52 * ms, request=52 * ms, firstData=52 * ms,
+                            synData=128)
+        parts = breakdown.flowParts([(clientSide, atProxy), (proxyOut, atServer)], [25.0, 25.0])
+        self.assertIsNone(parts["client"])
+        self.assertIsNone(parts["p1.request"])
+        self.assertAlmostEqual(parts["p1.syn"], 2.0)
+        self.assertAlmostEqual(parts["p1.response"], 1.0)
 
 
 class Table1Tests(unittest.TestCase):

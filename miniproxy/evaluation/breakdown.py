@@ -4,7 +4,7 @@ Where the time goes: Figure 4's time to first byte taken apart with packet
 captures on every device of the line.
 
 C{python -m miniproxy.evaluation.breakdown [--runs N] [--quick] [--out
-docs/evaluation] [--proxies 0,1,2,3] [--size 10]}
+docs/evaluation] [--proxies 0,1,2,3] [--size 10] [--no-fast-open]}
 
 The line and the proxies of Figure 4 (L{miniproxy.evaluation.figure4}),
 flows of 10 KB (one window: the time to complete is the time to first byte
@@ -30,6 +30,11 @@ the k-th flow.  For each flow:
     measured TTFB, showing that these parts are the whole difference from
     the model.
 
+The same for the Fast Open chains of L{miniproxy.evaluation.fastopen}
+(mode C{tfo}; unless C{--no-fast-open}): there every SYN carries the
+request, so a proxy's I{SYN to SYN} is its whole relay of the request, and
+there is no separate request relay.
+
 Outputs: C{breakdown.csv} (one row per flow and part) and C{breakdown.md}.
 """
 
@@ -53,8 +58,10 @@ from miniproxy.evaluation.runner import (
     removeWorkDirectory,
     workDirectory,
 )
-from miniproxy.evaluation.common import cells
-from miniproxy.model import Mode, evenRTTs, ttfb
+from miniproxy.evaluation.common import MODEL_MODES, cells
+from miniproxy.evaluation.fastopen import setUpChain
+from miniproxy.evaluation.runner import CHAIN_LISTENER
+from miniproxy.model import evenRTTs, ttfb
 from miniproxy.testbed.topology import CLIENT_SIDE, SERVER_SIDE, LineTopology
 
 RUNS = 10
@@ -63,7 +70,18 @@ WARM_UP = 2
 #: The flows' size, bytes.
 SIZE = 10 * KB
 NAME = "breakdown"
-PORTS = {"direct": EARLY_PORT, "early": EARLY_PORT, "accept": ACCEPT_PORT}
+PORTS = {"direct": EARLY_PORT, "early": EARLY_PORT, "accept": ACCEPT_PORT, "tfo": EARLY_PORT}
+_ORDER = {"direct": 0, "early": 1, "accept": 2, "tfo": 3}
+
+
+def linkPort(mode: str, link: int, hops: int) -> int:
+    """
+    The port a mode's flows connect to on a link: the server's, except
+    between the proxies of a Fast Open chain (their explicit listeners).
+    """
+    if mode == "tfo" and 0 < link < hops - 1:
+        return CHAIN_LISTENER
+    return PORTS[mode]
 
 
 def _ms(start: int | None, end: int | None) -> float | None:
@@ -93,7 +111,7 @@ def flowParts(
     parts: dict[str, float | None] = {}
     first, _ = chain[0]
     parts["ttfb"] = _ms(first.syn, first.firstData)
-    parts["client"] = _ms(first.synAck, first.request)
+    parts["client"] = None if first.synData else _ms(first.synAck, first.request)
     _, last = chain[-1]
     parts["server"] = _ms(last.request, last.firstData)
     for i, ((near, far), delay) in enumerate(zip(chain, delays)):
@@ -106,7 +124,7 @@ def flowParts(
         leaving = chain[k][0]
         parts[f"p{k}.syn"] = _ms(arriving.syn, leaving.syn)
         could = None
-        if arriving.request is not None and leaving.synAck is not None:
+        if arriving.request is not None and leaving.synAck is not None and not leaving.synData:
             could = max(arriving.request, leaving.synAck)
         parts[f"p{k}.request"] = _ms(could, leaving.request)
         parts[f"p{k}.response"] = _ms(leaving.firstData, arriving.firstData)
@@ -121,8 +139,9 @@ def replay(parts: Mapping[str, float], delays: Sequence[float], mode: str) -> fl
     and response relay, the client and the server their delays.
 
     @param mode: C{early} or C{accept} (both use the measured SYN to SYN,
-        which in accept mode holds the client-side handshake), or
-        C{direct}.
+        which in accept mode holds the client-side handshake), C{direct},
+        or C{tfo} (every SYN carries the request: each proxy's SYN to SYN
+        is its relay of the request).
     @return: Milliseconds from the client's SYN to the first byte.
     """
     hops = len(delays)
@@ -133,6 +152,11 @@ def replay(parts: Mapping[str, float], delays: Sequence[float], mode: str) -> fl
     def back(i: int) -> float:
         return delays[i] + parts.get(f"link{i}.back", 0.0)
 
+    if mode == "tfo":
+        first = sum(out(i) for i in range(hops)) + parts.get("server", 0.0)
+        first += sum(parts.get(f"p{k}.syn", 0.0) for k in range(1, hops))
+        first += sum(back(i) for i in range(hops))
+        return first + sum(parts.get(f"p{k}.response", 0.0) for k in range(1, hops))
     synArrives = out(0)
     requestArrives = out(0) + back(0) + parts.get("client", 0.0) + out(0)
     for k in range(1, hops):
@@ -166,12 +190,14 @@ def analyse(
     names = line.names
     delays = [spec.directions[0].delay for spec in line.specs]
     rows = []
-    for mode, port in PORTS.items():
+    hops = len(line.specs)
+    for mode in PORTS:
         mine = [r for r in results if (r.get("tag") or {}).get("mode") == mode]
         if not mine:
             continue
         perLink = []
-        for i in range(len(line.specs)):
+        for i in range(hops):
+            port = linkPort(mode, i, hops)
             near = inOrder(connections(packets[names[i], line.interface(i, SERVER_SIDE)], port, True))
             far = inOrder(connections(packets[names[i + 1], line.interface(i + 1, CLIENT_SIDE)], port, False))
             perLink.append((near, far))
@@ -204,21 +230,27 @@ def measure(
     rtt: float = RTT,
     rate: int | None = RATE,
     gap: float = GAP,
+    fastOpen: bool = True,
     log: Callable[[str], None] = lambda line: None,
 ) -> Any:
     """
-    Run the traced flows, one line per number of proxies.
+    Run the traced flows, one line per number of proxies (and one more per
+    number of proxies for the Fast Open chains).
 
+    @param fastOpen: Whether to trace the Fast Open chains too.
     @return: A L{Deferred} firing with the rows of L{analyse}.
     """
     rows: list[dict[str, Any]] = []
-    for proxies in proxyCounts:
+    lines = [(proxies, False) for proxies in proxyCounts]
+    if fastOpen:
+        lines += [(proxies, True) for proxies in proxyCounts]
+    for proxies, chain in lines:
         line = LineTopology(proxies=proxies, rtt=rtt, rate=rate, ipv6=False)
-        where = os.path.join(directory, f"proxies{proxies}")
+        where = os.path.join(directory, f"proxies{proxies}{'-fastopen' if chain else ''}")
         os.makedirs(where, exist_ok=True)
 
         @inlineCallbacks
-        def body(bed: Bed, proxies: int = proxies) -> Any:
+        def body(bed: Bed, proxies: int = proxies, chain: bool = chain) -> Any:
             captures = {}
             for i, node in enumerate(bed.line.nodes):
                 for side in (CLIENT_SIDE, SERVER_SIDE):
@@ -226,9 +258,10 @@ def measure(
                         continue
                     device = bed.line.interface(i, side)
                     captures[node.shortName, device] = bed.capture(node, device)
-            plan = cells(bed.line.serverAddress, modesFor(proxies), [size], proxies=proxies)
-            flows = interleave(plan, runs, WARM_UP, seed=proxies)
-            log(f"{NAME}: {proxies} proxies: {len(flows)} flows")
+            modes = ["tfo"] if chain else modesFor(proxies)
+            plan = cells(bed.line.serverAddress, modes, [size], proxies=proxies)
+            flows = interleave(plan, runs, WARM_UP + (1 if chain else 0), seed=proxies)
+            log(f"{NAME}: {proxies} proxies{', Fast Open' if chain else ''}: {len(flows)} flows")
             results = yield bed.runFlows(flows, gap)
             packets = {key: capture.read() for key, capture in captures.items()}
             lost = sum(capture.dropped for capture in captures.values())
@@ -236,7 +269,8 @@ def measure(
                 raise RuntimeError(f"the captures lost {lost} packets")
             return analyse(bed.line, packets, results)
 
-        rows += yield onBed(reactor, line, where, setUpTransparent, body)
+        setUp = setUpChain if chain else setUpTransparent
+        rows += yield onBed(reactor, line, where, setUp, body, fastOpen=chain)
     return rows
 
 
@@ -246,7 +280,7 @@ def summarise(rows: Sequence[Mapping[str, Any]], rtt: float = RTT, rate: int | N
     TTFB and the replay of the medians.
     """
     out = []
-    keys = sorted({(r["proxies"], r["mode"]) for r in rows}, key=lambda k: (k[0], modesFor(k[0]).index(k[1])))
+    keys = sorted({(r["proxies"], r["mode"]) for r in rows}, key=lambda k: (_ORDER[k[1]] == 3, k[0], _ORDER[k[1]]))
     for proxies, mode in keys:
         group = [r for r in rows if r["proxies"] == proxies and r["mode"] == mode]
         names = [k for k in group[0] if k not in ("proxies", "mode", "run")]
@@ -256,8 +290,7 @@ def summarise(rows: Sequence[Mapping[str, Any]], rtt: float = RTT, rate: int | N
         }
         hops = proxies + 1
         delays = [rtt / (2 * hops)] * hops
-        model = ttfb(evenRTTs(rtt / 1000, proxies), Mode.ACCEPT if mode == "accept" else Mode.ESF,
-                     rate=rate) * 1000
+        model = ttfb(evenRTTs(rtt / 1000, proxies), MODEL_MODES[mode], rate=rate) * 1000
         cell = {"proxies": proxies, "mode": mode, "flows": len(group), "model": model, **medians}
         cell["replay"] = replay(medians, delays, mode)
         out.append(cell)
@@ -275,7 +308,9 @@ def markdown(cellList: Sequence[Mapping[str, Any]], command: str, before: Mappin
         "model; *links* is the sum, over every link crossing on the way, of the crossing's "
         "measured delay less the configured one (out: a SYN; back: the answer's first byte); "
         "*SYN→SYN*, *request*, *response* are each proxy's (p1, p2, ...); *replay* is the "
-        "model's timeline with these medians put in, to compare with the measured TTFB."
+        "model's timeline with these medians put in, to compare with the measured TTFB. Mode "
+        "`tfo` is the Fast Open chain (every SYN carries the request: SYN→SYN is the whole "
+        "relay of the request; the model is `Mode.TFO_ALL`)."
     )
     text = [report.preamble("Where the time goes: TTFB taken apart", command, before, notes)]
     table = []
@@ -337,6 +372,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--proxies", default=",".join(map(str, PROXIES)),
                         help="numbers of proxies (0,1,2,3)")
     parser.add_argument("--size", type=float, default=SIZE / KB, help="flow size in KB (10)")
+    parser.add_argument("--no-fast-open", action="store_true", help="skip the Fast Open chains")
     args = parser.parse_args(argv)
     runs = runsFrom(args, RUNS, QUICK_RUNS)
     before = report.machine()
@@ -348,7 +384,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         try:
             rows = yield measure(reactor, directory,
                                  proxyCounts=[int(p) for p in args.proxies.split(",")],
-                                 runs=runs, gap=args.gap, size=int(args.size * KB), log=print)
+                                 runs=runs, gap=args.gap, size=int(args.size * KB),
+                                 fastOpen=not args.no_fast_open, log=print)
         finally:
             removeWorkDirectory(directory, args.keep)
         for path in write(args.out, rows, command, before):

@@ -357,7 +357,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--sizes", default=",".join(map(str, SIZES_KB)), help="flow sizes in KB")
     parser.add_argument("--congestion-control", default=None,
                         help="set this congestion control in every namespace instead of the "
-                             "kernel's default (to investigate; not for the figure)")
+                             "kernel's default (to investigate; not for the figure; a namespace may only set those in net.ipv4.tcp_allowed_congestion_control)")
     args = parser.parse_args(argv)
     runs = runsFrom(args)
     before = report.machine()
