@@ -13,6 +13,7 @@ connected and then broke.  The connect timeout covers the handshake too.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import socket
 from typing import Any
@@ -210,6 +211,20 @@ def flowAddressOption(source: Any, destination: Any) -> FlowAddressOption:
     return FlowAddressOption(destination)
 
 
+@functools.lru_cache(maxsize=256)
+def _literal(host: str) -> str | None:
+    """
+    C{host} as an IP address literal without brackets, or L{None} for a
+    name (asked at each connect: remembered).
+    """
+    literal = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    try:
+        ipaddress.ip_address(literal.split("%", 1)[0])
+    except ValueError:
+        return None
+    return literal
+
+
 class Dialer:
     """
     Connects outgoing legs.
@@ -311,11 +326,8 @@ class Dialer:
         """
         from twisted.internet.posixbase import PosixReactorBase
 
-        host = nextHop.address.host
-        literal = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-        try:
-            ipaddress.ip_address(literal.split("%", 1)[0])
-        except ValueError:
+        literal = _literal(nextHop.address.host)
+        if literal is None:
             return self.tcpEndpointFor(nextHop)
         if not isinstance(self.reactor, PosixReactorBase):
             # A reactor of tests (MemoryReactor): Twisted's own endpoint.

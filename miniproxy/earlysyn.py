@@ -18,6 +18,7 @@ C{Limits.synTimeout}: its flow is aborted and its outgoing leg reset.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import socket
 from typing import Any, Callable
@@ -41,8 +42,17 @@ DRAIN_BATCHES = 4
 
 def _canonical(host: str | None) -> str | None:
     # One spelling per address: an IPv4-mapped IPv6 address is its IPv4.
-    if host is None:
-        return None
+    # Called several times per connection: addresses as the kernel spells
+    # them (inet_ntop) need no parsing.
+    if host is None or ":" not in host:
+        return host
+    if host.startswith("::ffff:") and "." in host and "%" not in host:
+        return host[7:]
+    return _parsedCanonical(host)
+
+
+@functools.lru_cache(maxsize=1024)
+def _parsedCanonical(host: str) -> str:
     try:
         ip = ipaddress.ip_address(host.split("%", 1)[0])
     except ValueError:
@@ -56,7 +66,8 @@ def canonicalEndpoint(a: HostPort) -> HostPort:
     """
     C{a} with its address in one spelling (IPv4-mapped IPv6 as IPv4).
     """
-    return HostPort(_canonical(a.host) or a.host, a.port)
+    host = _canonical(a.host) or a.host
+    return a if host == a.host else HostPort(host, a.port)
 
 
 def sameEndpoint(a: HostPort, b: HostPort) -> bool:
