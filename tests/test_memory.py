@@ -11,9 +11,10 @@ child, says which lines of code allocated it, and a count of the objects
 the garbage collector tracks says which objects hold it.
 
 The number is printed (and kept in C{_trial_temp/memory.json}); the test
-only asserts a generous sanity bound, L{BOUND}.  The kernel's socket
-buffers are not in the resident set: the kernel's TCP memory (from
-C{/proc/net/sockstat}) is printed beside it.
+only asserts a generous sanity bound, L{BOUND}.  The kernel's side is not
+in the resident set: what the kernel allocates for the flow's two sockets
+(the socket, inode, file, dentry and epoll item; an idle socket holds no
+buffer pages) is printed beside it, from C{/proc/slabinfo}.
 
 Run it alone, to see the report::
 
@@ -116,16 +117,27 @@ reactor.run()
 """
 
 
-def kernelTCPPages() -> int:
+#: The kernel's objects behind one TCP socket of a process: the socket,
+#: its inode, its file, its dentry, its epoll item (C{/proc/slabinfo}).
+SOCKET_SLABS = ("TCP", "sock_inode_cache", "filp", "dentry", "eventpoll_epi")
+
+
+def kernelBytesPerSocket() -> int | None:
     """
-    The pages the kernel's TCP stack holds now (C{/proc/net/sockstat}).
+    What the kernel allocates for one idle TCP socket of a process, from
+    the object sizes of its slab caches (an idle socket holds no buffer
+    pages), or L{None} if C{/proc/slabinfo} cannot be read.
     """
-    with open("/proc/net/sockstat") as f:
-        for line in f:
-            if line.startswith("TCP:"):
+    sizes = {}
+    try:
+        with open("/proc/slabinfo") as f:
+            for line in f:
                 fields = line.split()
-                return int(fields[fields.index("mem") + 1])
-    return 0
+                if fields and fields[0] in SOCKET_SLABS:
+                    sizes[fields[0]] = int(fields[3])
+    except OSError:
+        return None
+    return sum(sizes.values()) if len(sizes) == len(SOCKET_SLABS) else None
 
 
 class ProxyChild:
@@ -262,14 +274,12 @@ class MemoryPerFlowTests(unittest.TestCase):
         warm.close()
         self.waitForFlows(0)
         before = self.proxy.ask("rss")["rss"]
-        kernelBefore = kernelTCPPages()
         pairs = self.hold(PAIRS)
         after = self.proxy.ask("rss")["rss"]
-        kernelAfter = kernelTCPPages()
         pairs.close()
         self.waitForFlows(0)
         perFlow = (after - before) / PAIRS
-        kernelPerFlow = (kernelAfter - kernelBefore) * os.sysconf("SC_PAGESIZE") / PAIRS
+        perSocket = kernelBytesPerSocket()
 
         self.proxy.ask("trace")
         pairs = self.hold(PAIRS)
@@ -280,7 +290,8 @@ class MemoryPerFlowTests(unittest.TestCase):
             "pairs": PAIRS,
             "rssPerFlow": perFlow,
             "tracedPerFlow": snapshot["total"] / PAIRS,
-            "kernelTCPPerFlow": kernelPerFlow,
+            # Two sockets per flow in the proxy.
+            "kernelPerFlow": 2 * perSocket if perSocket is not None else None,
             "topLines": snapshot["top"],
             "objectsPerFlow": [[name, n / PAIRS] for name, n in snapshot["objects"]],
         }
@@ -288,8 +299,8 @@ class MemoryPerFlowTests(unittest.TestCase):
             json.dump(report, f, indent=2)
         lines = [
             f"{PAIRS} idle flows: {perFlow:.0f} bytes of RSS per flow, "
-            f"{report['tracedPerFlow']:.0f} bytes traced by tracemalloc, "
-            f"kernel TCP memory {kernelPerFlow:.0f} bytes per flow (4 sockets)",
+            f"{report['tracedPerFlow']:.0f} bytes traced by tracemalloc; "
+            f"the kernel's socket objects: {report['kernelPerFlow']} bytes per flow",
             "allocated by:",
         ]
         lines += [f"  {size / PAIRS:8.0f} B {count / PAIRS:6.2f}x {where}"
