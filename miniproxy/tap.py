@@ -143,30 +143,16 @@ def makeService(options: Options, reactor: Any = None) -> Any:
 
 def _workerGroup(options: Options, config: ServiceConfig, reactor: Any) -> Any:
     """
-    The parent of a worker group, which logs where twistd does.  The
-    functions are configured here once, so that a bad configuration stops
-    twistd instead of every worker.
+    The parent of a worker group.  The functions are configured here once,
+    so that a bad configuration stops twistd instead of every worker.
     """
     from miniproxy.service import configureFunctions
     from miniproxy.workers import WorkerGroup
 
-    parent = getattr(options, "parent", None)
-    logFile = None
-    if parent is not None:
-        try:
-            logFile = parent["logfile"]
-        except KeyError:
-            pass
-    if logFile == "-":
-        logFile = None
     try:
         configureFunctions(config, reactor)
         return WorkerGroup(
-            config,
-            reactor,
-            config.workers,
-            logFile=logFile,
-            statsInterval=config.statsInterval,
+            config, reactor, config.workers, statsInterval=config.statsInterval
         )
     except ConfigError as e:
         raise SystemExit(f"miniproxy: configuration error: {_blame(options, str(e))}")

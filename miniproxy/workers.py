@@ -65,8 +65,12 @@ ended workers included), and the workers' flow counters.
 A worker is C{python -m miniproxy.workers}: its standard input is a pipe
 from the parent (its settings, then commands; end of file means the parent
 is gone, and the worker stops), descriptor 3 a pipe to the parent (its
-answers), descriptors 4 and up its listening sockets; its standard output
-and error are the parent's, or it appends to the parent's log file.
+answers), descriptors 4 and up its listening sockets.  Its standard output
+is a pipe to the parent that carries its log events (as JSON): the parent
+emits them as its own, so they go wherever twistd logs (standard output,
+C{--logfile}, syslog), one writer for all; a worker appending to twistd's
+log file itself would overwrite the parent's lines (twistd's log file is
+not opened for appending).  Its standard error is the parent's.
 """
 
 from __future__ import annotations
@@ -330,6 +334,7 @@ class WorkerProcess(ProcessProtocol):
         self.ready: Deferred = Deferred()
         self.ended: Deferred = Deferred()
         self._answers = b""
+        self._events = b""
         self._waiting: list[Deferred] = []
 
     def connectionMade(self) -> None:
@@ -342,8 +347,12 @@ class WorkerProcess(ProcessProtocol):
 
     def childDataReceived(self, childFD: int, data: bytes) -> None:
         """
-        An answer from the worker: one JSON object per line.
+        Log events from the worker (on its standard output), or an answer
+        (one JSON object per line).
         """
+        if childFD == 1:
+            self._logged(data)
+            return
         if childFD != ANSWER_FD:
             return
         self._answers += data
@@ -360,6 +369,24 @@ class WorkerProcess(ProcessProtocol):
                 waiting, self._waiting = self._waiting, []
                 for d in waiting:
                     d.callback(answer["stats"])
+
+    def _logged(self, data: bytes) -> None:
+        # jsonFileLogObserver's records: a record separator, the event (no
+        # raw newline in JSON), a newline.
+        from twisted.logger import eventFromJSON, globalLogPublisher
+
+        self._events += data
+        *records, self._events = self._events.split(b"\n")
+        for record in records:
+            record = record.strip(b"\x1e \t\r")
+            if not record:
+                continue
+            try:
+                event = eventFromJSON(record.decode("utf-8", "replace"))
+            except ValueError:
+                continue
+            event["worker"] = self.index
+            globalLogPublisher(event)
 
     def askStats(self) -> Deferred:
         """
@@ -427,7 +454,6 @@ class WorkerGroup(Service):
         config: Any,
         reactor: Any,
         workers: int,
-        logFile: str | None = None,
         statsInterval: float = 60.0,
         maxRestarts: int = 5,
         restartWindow: float = 60.0,
@@ -437,8 +463,6 @@ class WorkerGroup(Service):
         """
         @param config: The L{miniproxy.config.ServiceConfig} every worker
             runs.
-        @param logFile: A file the workers append their log to, or L{None}
-            for the parent's standard output.
         @param statsInterval: Seconds between two reports (0: only on
             SIGUSR1).
         @param maxRestarts: Restarts of one worker allowed within
@@ -448,7 +472,6 @@ class WorkerGroup(Service):
         self.config = config
         self.reactor = reactor
         self.workers = workers
-        self.logFile = logFile
         self.statsInterval = statsInterval
         self.maxRestarts = maxRestarts
         self.restartWindow = restartWindow
@@ -573,7 +596,6 @@ class WorkerGroup(Service):
                 (FIRST_LISTENER_FD + i, listener.family, listener.steered)
                 for i, listener in enumerate(self.listeners)
             ],
-            "logFile": self.logFile,
         }
 
     def _start(self, index: int) -> None:
@@ -581,7 +603,7 @@ class WorkerGroup(Service):
         if self._stopping:
             return
         process = WorkerProcess(self, index)
-        childFDs: dict[int, Any] = {0: "w", 1: 1, 2: 2, ANSWER_FD: "r"}
+        childFDs: dict[int, Any] = {0: "w", 1: "r", 2: 2, ANSWER_FD: "r"}
         for i, listener in enumerate(self.listeners):
             childFDs[FIRST_LISTENER_FD + i] = listener.sockets[index].fileno()
         env = dict(os.environ)
@@ -888,12 +910,11 @@ def workerMain() -> None:
     until SIGTERM, SIGINT, or the parent's end.
     """
     settings = _readBootstrap()
-    from twisted.logger import globalLogBeginner, textFileLogObserver
+    from twisted.logger import globalLogBeginner, jsonFileLogObserver
 
-    logFile = settings.get("logFile")
-    stream = open(logFile, "a") if logFile else sys.stdout
+    # The log events go to the parent, which emits them as its own.
     globalLogBeginner.beginLoggingTo(
-        [textFileLogObserver(stream)], redirectStandardIO=False
+        [jsonFileLogObserver(sys.stdout)], redirectStandardIO=False
     )
     # SIGUSR1 is the parent's: a worker ignores one sent to the group.
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)

@@ -132,7 +132,6 @@ class ConfigTests(unittest.TestCase):
         group = tap.makeService(options, MemoryReactorClock())
         self.assertIsInstance(group, WorkerGroup)
         self.assertEqual((group.workers, group.statsInterval), (2, 7.0))
-        self.assertIsNone(group.logFile)
         options = tap.Options()
         options.parseOptions(["--to", "tcp:host=127.0.0.1:port=9"])
         service = tap.makeService(options, MemoryReactorClock())
@@ -312,7 +311,8 @@ class SupervisionTests(unittest.TestCase):
     def test_start(self) -> None:
         """
         Each worker gets its own socket of each listener, a control pipe,
-        the parent's output, and its settings first on its input.
+        a pipe for its log events, the parent's standard error, and its
+        settings first on its input.
         """
         self.group.startService()
         self.assertEqual(len(self.spawner.spawned), 2)
@@ -321,7 +321,7 @@ class SupervisionTests(unittest.TestCase):
             self.assertEqual(childFDs[4], listener.sockets[index].fileno())
             self.assertEqual(childFDs[0], "w")
             self.assertEqual(childFDs[3], "r")
-            self.assertEqual((childFDs[1], childFDs[2]), (1, 2))
+            self.assertEqual((childFDs[1], childFDs[2]), ("r", 2))
             self.assertTrue(process.transport.written.startswith(b"\0\0"))
 
     def test_restart(self) -> None:
@@ -381,6 +381,34 @@ class SupervisionTests(unittest.TestCase):
         # Nothing is restarted while stopping.
         self.reactor.advance(10)
         self.assertEqual(len(self.spawner.spawned), 2)
+
+    def test_logEvents(self) -> None:
+        """
+        The log events a worker writes (JSON records, however they are cut
+        into reads) are emitted in the parent, marked with the worker.
+        """
+        from twisted.logger import Logger, eventAsJSON, globalLogPublisher
+
+        self.group.startService()
+        [_, (b, _)] = self.spawner.spawned
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        sent: list[dict[str, Any]] = []
+        logger = Logger(namespace="miniproxy.access", observer=sent.append)
+        logger.info("flow {n}", n=1)
+        logger.info("flow {n}", n=2)
+        data = b"".join(
+            b"\x1e" + eventAsJSON(e).encode() + b"\n" for e in sent
+        )
+        cut = data.index(b"\n") + 5
+        b.childDataReceived(1, data[:17])
+        b.childDataReceived(1, data[17:cut])
+        mine = [e for e in events if e.get("log_namespace") == "miniproxy.access"]
+        self.assertEqual([(e["n"], e["worker"]) for e in mine], [(1, 1)])
+        b.childDataReceived(1, data[cut:])
+        mine = [e for e in events if e.get("log_namespace") == "miniproxy.access"]
+        self.assertEqual([(e["n"], e["worker"]) for e in mine], [(1, 1), (2, 1)])
 
     def test_stats(self) -> None:
         """
@@ -478,7 +506,7 @@ class TwistdWorkersTests(unittest.TestCase):
         self.serverPort, self.servers = self.net.server(echo=True)
 
     @defer.inlineCallbacks
-    def startGroup(self, *args: str) -> Any:
+    def startGroup(self, *args: str, twistdArgs: tuple[str, ...] = ()) -> Any:
         """
         Start the group; wait until every worker listens.
 
@@ -492,7 +520,7 @@ class TwistdWorkersTests(unittest.TestCase):
         os.makedirs(workdir)
         self.reactor.spawnProcess(
             child, command[0],
-            command + ["-n", "--pidfile=", "miniproxy", "--listen",
+            command + ["-n", "--pidfile=", *twistdArgs, "miniproxy", "--listen",
                        "tcp:0:interface=127.0.0.1", "--to",
                        f"tcp:host=127.0.0.1:port={self.serverPort}", "--stats-interval",
                        "0", "--workers", "2", *args],
@@ -588,6 +616,42 @@ class TwistdWorkersTests(unittest.TestCase):
         # Nothing begun at a SYN waits in either worker.
         self.assertEqual(int(match.group("open")), 0)
         self.assertEqual(len(self.servers.peers), n)
+
+    @defer.inlineCallbacks
+    def test_logFile(self) -> Any:
+        """
+        With C{--logfile}, the workers' lines reach twistd's log file
+        whole, through the parent, beside the parent's own.
+        """
+        path = os.path.abspath(self.mktemp())
+        child = Child()
+        script = os.path.join(os.path.dirname(sys.executable), "twistd")
+        self.reactor.spawnProcess(
+            child, sys.executable,
+            [sys.executable, script, "-n", "--pidfile=", "--logfile", path, "miniproxy",
+             "--listen", "tcp:0:interface=127.0.0.1", "--to",
+             f"tcp:host=127.0.0.1:port={self.serverPort}", "--stats-interval", "0",
+             "--workers", "2"],
+            env=dict(os.environ, PYTHONPATH=REPO),
+        )
+        self.addCleanup(self.stopGroup, child)
+
+        def log() -> bytes:
+            try:
+                with open(path, "rb") as f:
+                    return f.read()
+            except OSError:
+                return b""
+
+        yield waitUntil(lambda: READY.search(log()) is not None, "the workers to be ready")
+        child.pids = [int(p) for p in READY.search(log()).group(2).split()]
+        port = int(LISTENING.search(log()).group(1))
+        yield self.relay(port, 6)
+        yield waitUntil(lambda: log().count(b"[miniproxy.access#info]") >= 6, "6 access lines")
+        lines = log().splitlines()
+        self.assertTrue(all(re.match(rb"\d{4}-\d\d-\d\dT", line) for line in lines), lines)
+        for index in (0, 1):
+            self.assertIn(f"miniproxy worker {index} (pid".encode(), log())
 
     @defer.inlineCallbacks
     def test_restart(self) -> Any:
