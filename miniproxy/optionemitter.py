@@ -20,6 +20,8 @@ C{iptables} C{NFQUEUE} target (here through iptables-nft) does.
 from __future__ import annotations
 
 import os
+import re
+import shlex
 import subprocess
 import weakref
 from typing import Any, Callable
@@ -54,6 +56,16 @@ def _canonical(host: str) -> str:
 
 # The shared emitters, by reactor (weakly: a dead reactor takes its
 # emitters with it) and queue.
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 _shared: "weakref.WeakKeyDictionary[Any, dict[int, OptionEmitter]]" = weakref.WeakKeyDictionary()
 
 
@@ -134,6 +146,29 @@ class OptionEmitter:
         command = [action if part == "{action}" else part for part in rule]
         return self._run(command, capture_output=True, text=True)
 
+    def removeStale(self, tool: str) -> int:
+        """
+        Remove the rules that miniproxy processes no longer running left
+        behind (killed before they could remove them).
+
+        @return: How many were removed.
+        """
+        try:
+            listing = self._run([tool, "-t", "mangle", "-S", "OUTPUT"], capture_output=True, text=True)
+        except OSError:
+            return 0
+        removed = 0
+        for line in (listing.stdout or "").splitlines():
+            match = re.search(r"--comment \"?miniproxy-(\d+)\"?", line)
+            if match is None or not line.startswith("-A OUTPUT"):
+                continue
+            pid = int(match.group(1))
+            if pid == os.getpid() or _alive(pid):
+                continue
+            self._run([tool, "-t", "mangle", "-D", *shlex.split(line)[1:]], capture_output=True, text=True)
+            removed += 1
+        return removed
+
     def start(self) -> None:
         """
         Read the queue and install the rules (IPv4 and, where possible,
@@ -151,6 +186,7 @@ class OptionEmitter:
             q.start()
             self._queues.append(q)
             for tool in ("iptables", "ip6tables"):
+                self.removeStale(tool)
                 rule = self._rule(tool)
                 try:
                     result = self._apply(rule, "-A")

@@ -104,6 +104,32 @@ class EmitterPacketTests(unittest.TestCase):
         )
         self.assertFalse(emitter.running)
 
+    def test_staleRules(self) -> None:
+        """
+        A rule left by a miniproxy process that is gone (killed before it
+        could remove it) is removed when an emitter starts; one of a live
+        process, and anything not miniproxy's, is left alone.
+        """
+        dead = subprocess.Popen(["true"])
+        dead.wait()
+        listing = "\n".join([
+            "-P OUTPUT ACCEPT",
+            f'-A OUTPUT -p tcp -m mark --mark 0x4d50 -m comment --comment miniproxy-{dead.pid} -j NFQUEUE --queue-num 19792 --queue-bypass',
+            f'-A OUTPUT -p tcp -m comment --comment "miniproxy-{os.getpid()}" -j NFQUEUE --queue-num 19792',
+            "-A OUTPUT -p udp -j ACCEPT",
+        ])
+        commands: list[list[str]] = []
+
+        def run(command: list[str], **kwargs: Any) -> Any:
+            commands.append(command)
+            return subprocess.CompletedProcess(command, 0, listing if "-S" in command else "", "")
+
+        emitter = OptionEmitter(MemoryReactorClock(), run=run)
+        self.assertEqual(emitter.removeStale("iptables"), 1)
+        [deletion] = [c for c in commands if "-D" in c]
+        self.assertEqual(deletion[:5], ["iptables", "-t", "mangle", "-D", "OUTPUT"])
+        self.assertIn(f"miniproxy-{dead.pid}", deletion)
+
     def test_carryParsed(self) -> None:
         self.assertEqual(NextHop.fromString("tcp:host=10.0.0.1:port=1:carry=tcp-option").carry, "tcp-option")
         with self.assertRaises(ConfigError):
