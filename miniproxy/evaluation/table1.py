@@ -271,7 +271,7 @@ def plot(cells: Sequence[Mapping[str, Any]], path: str) -> bool:
     plt = report.pyplot()
     if plt is None:
         return False
-    figure, axes = plt.subplots(figsize=(8, 5))
+    figure, axes = plt.subplots(figsize=(11, 5))
     levels = sorted({c["level"] for c in cells})
     for name, colour in (("early", "tab:blue"), ("accept", "tab:orange"), ("no proxy", "black")):
         line = [c for c in cells if c["path"] == name]
@@ -281,13 +281,17 @@ def plot(cells: Sequence[Mapping[str, Any]], path: str) -> bool:
                   color=colour, label=f"{name}: first byte (mean)")
         axes.plot([c["level"] for c in line], [c["connectMean"] for c in line], marker="s",
                   linestyle="--", color=colour, label=f"{name}: connect (mean)")
+        if name != "no proxy":
+            axes.plot([c["level"] for c in line], [c["establishMean"] for c in line], marker="^",
+                      linestyle=":", color=colour, label=f"{name}: split connection established (mean)")
     axes.plot(levels, [report.PAPER_TABLE1_MS.get(level, float("nan")) for level in levels], "k*",
               markersize=10, label="paper (its proxy's establishment)")
+    axes.set_yscale("log")
     axes.set_xlabel("simultaneous connection attempts")
-    axes.set_ylabel("ms")
+    axes.set_ylabel("ms (log scale)")
     axes.set_title("Table 1: establishment through one proxy (zero-delay links)")
     axes.grid(True, alpha=0.3)
-    axes.legend(fontsize=8)
+    axes.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     report.savePlot(figure, path)
     return True
 
