@@ -174,7 +174,8 @@ def predict(
         flight = min(window, remaining)
         remaining -= flight
         rest += max(slowest, _serialization(flight * (mss + WIRE_OVERHEAD), rate))
-    # The last window's bytes follow the first one's at the link rate.
-    lastFlight = min(iw * 2 ** max(rounds - 1, 0), math.ceil(size / mss))
+    # The last round's bytes follow its first one's at the link rate: the
+    # segments left after the full windows of the rounds before it.
+    lastFlight = math.ceil(size / mss) - iw * (2 ** max(rounds - 1, 0) - 1) if rounds else 0
     tail = _serialization(max(lastFlight - 1, 0) * (mss + WIRE_OVERHEAD), rate)
     return Prediction(ttfb=first, ttc=first + rest + tail, rounds=rounds)

@@ -75,6 +75,19 @@ class PaperFiguresTests(unittest.TestCase):
             p = predict(evenRTTs(RTT, proxies), 25 * KB, Mode.TFO_ALL, rate=100e6)
             self.assertLessEqual(abs(p.ttc * 1000 - expected), 2.5)
 
+    def test_lastRoundTail(self) -> None:
+        """
+        At a finite rate the last round adds the serialization of the
+        segments left for it, not of a full window: 500 KB is 346
+        segments, 310 in five full rounds and 36 in the sixth.
+        """
+        rate = 100e6
+        rtts = evenRTTs(RTT, 0)
+        p = predict(rtts, 500 * KB, rate=rate)
+        self.assertAlmostEqual(
+            p.ttc - ttfb(rtts, rate=rate), 5 * RTT + 35 * (1448 + 52) * 8 / rate, places=9
+        )
+
     def test_fastOpenFirstHop(self) -> None:
         """
         Fast Open on the client's hop saves the client's handshake: one
