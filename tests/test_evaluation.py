@@ -183,6 +183,27 @@ class PlanTests(unittest.TestCase):
         self.assertEqual((rows[1]["ok"], rows[1]["error"], rows[1]["ttfb"]), (False, "boom", None))
 
 
+class KeepAwakeTests(unittest.TestCase):
+    """
+    L{runner.KeepAwake} starts a spinner per CPU and stops them all.
+    """
+
+    def test_startStop(self) -> None:
+        spinners = runner.KeepAwake(cpus=2).start()
+        self.addCleanup(spinners.stop)
+        processes = list(spinners.processes)
+        self.assertEqual(len(processes), 2)
+        self.assertEqual([p.poll() for p in processes], [None, None])
+        spinners.stop()
+        self.assertEqual([p.returncode for p in processes], [0, 0])
+        self.assertEqual(spinners.processes, [])
+
+    def test_context(self) -> None:
+        with runner.KeepAwake(cpus=1) as spinners:
+            [process] = spinners.processes
+        self.assertEqual(process.returncode, 0)
+
+
 class ConfigTests(unittest.TestCase):
     """
     The proxies' configurations are valid miniproxy configurations.

@@ -21,6 +21,7 @@ from miniproxy.evaluation.runner import (
     EARLY_LISTENER,
     EARLY_PORT,
     Bed,
+    KeepAwake,
     transparentConfig,
 )
 from miniproxy.model import Mode, predict
@@ -164,6 +165,9 @@ def arguments(
                         help="where the CSV, PNG and markdown files go (docs/evaluation)")
     parser.add_argument("--keep", default=None,
                         help="keep the proxies' configurations and logs in this directory")
+    parser.add_argument("--no-keep-awake", action="store_true",
+                        help="let idle CPUs halt (by default a SCHED_IDLE process per CPU keeps "
+                             "them awake: see runner.KeepAwake)")
     if gap:
         parser.add_argument("--gap", type=float, default=GAP,
                             help=f"seconds between one flow's end and the next one's start ({GAP:g})")
@@ -179,10 +183,25 @@ def runsFrom(args: argparse.Namespace, runs: int = RUNS, quick: int = QUICK_RUNS
     return quick if args.quick else runs
 
 
-def run(main: Callable[[Any], Deferred[Any]]) -> None:
+def run(main: Callable[[Any], Deferred[Any]], args: argparse.Namespace | None = None,
+        before: dict[str, str] | None = None) -> None:
     """
-    Run an experiment's C{main(reactor)} in the global reactor, and exit.
+    Run an experiment's C{main(reactor)} in the global reactor, and exit;
+    unless C{args.no_keep_awake}, with the CPUs kept awake
+    (L{KeepAwake}), which C{before} (the machine's description) then
+    says.
     """
     from twisted.internet.task import react
 
-    react(main)
+    awake = args is None or not getattr(args, "no_keep_awake", False)
+    if before is not None:
+        before["idle CPUs"] = (
+            "kept awake (a SCHED_IDLE spinner per CPU, counted in the load after)"
+            if awake else "left to halt"
+        )
+    spinners = KeepAwake().start() if awake else None
+    try:
+        react(main)
+    finally:
+        if spinners is not None:
+            spinners.stop()

@@ -624,6 +624,69 @@ def measured(results: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
+#: A process that keeps one CPU from going idle: at C{SCHED_IDLE} it runs
+#: only when nothing else wants that CPU, and it stops when its standard
+#: input ends (its parent is gone) or gets a line.
+_SPINNER = """
+import os, select, sys
+os.sched_setaffinity(0, {%d})
+os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+fd = sys.stdin.fileno()
+while not select.select([fd], [], [], 0)[0]:
+    pass
+"""
+
+
+class KeepAwake:
+    """
+    Keep every CPU busy with a C{SCHED_IDLE} process while the experiments
+    run, so that no CPU halts when idle.
+
+    In this virtual machine an idle CPU halts (there is no cpuidle driver:
+    C{HLT}, an exit to the hypervisor), and waking it for the next packet
+    takes hundreds of microseconds, which a host of its own, busy serving,
+    would not pay: on a quiet machine, each proxy's first byte came about
+    1 ms later than on a busy one.  A C{SCHED_IDLE} process runs only when
+    no other process wants its CPU (the hosts, the forwarders and anyone
+    else's work come first), so it only keeps the CPU from halting.
+    """
+
+    def __init__(self, cpus: int | None = None) -> None:
+        self.cpus = cpus if cpus is not None else (os.cpu_count() or 1)
+        self.processes: list[subprocess.Popen[bytes]] = []
+
+    def __enter__(self) -> KeepAwake:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def start(self) -> KeepAwake:
+        """
+        Start one spinning process per CPU.
+        """
+        for cpu in range(self.cpus):
+            self.processes.append(subprocess.Popen(
+                [sys.executable, "-c", _SPINNER % cpu], stdin=subprocess.PIPE,
+            ))
+        return self
+
+    def stop(self) -> None:
+        """
+        Stop them (closing their standard input) and wait for them.
+        """
+        for process in self.processes:
+            if process.stdin is not None:
+                process.stdin.close()
+        for process in self.processes:
+            try:
+                process.wait(10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        self.processes = []
+
+
 def workDirectory(keep: str | None = None) -> str:
     """
     A directory for the proxies' configurations and logs: C{keep} (made
@@ -651,6 +714,7 @@ __all__ = [
     "DIRECT_PORT",
     "EARLY_LISTENER",
     "EARLY_PORT",
+    "KeepAwake",
     "Listener",
     "accessEvents",
     "logObserver",

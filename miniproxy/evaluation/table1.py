@@ -340,7 +340,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         for path in write(args.out, rows, command, before):
             print(f"wrote {path}")
 
-    run(experiment)
+    run(experiment, args, before)
 
 
 if __name__ == "__main__":
