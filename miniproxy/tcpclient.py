@@ -19,6 +19,7 @@ at once (see L{miniproxy.connect}).
 from __future__ import annotations
 
 import socket
+from errno import EALREADY, EINPROGRESS, EISCONN, EWOULDBLOCK
 from typing import Any, Callable, Sequence
 
 from twisted.internet import error, tcp
@@ -206,10 +207,40 @@ class _Connecting:
         """
 
 
+#: C{connect()} results that mean the attempt is under way or done.
+_CONNECT_UNDER_WAY = frozenset((0, EINPROGRESS, EALREADY, EWOULDBLOCK, EISCONN))
+
+
 class _TunedClient(tcp.Client):
     # The options are the connector's: a transport has about 20 attributes
     # of its own, and one more past 21 costs each connection its share of
     # the class's dict keys (some 600 bytes).
+
+    def _finishInit(self, whenDone: Any, skt: Any, error: Any, reactor: Any) -> None:
+        # Twisted calls connect() in the next reactor iteration, so that
+        # nothing happens before connectTCP returns.  An early leg's SYN
+        # should leave now: the SYN that began the flow is still being
+        # handled.  Only the system call moves; what follows from it (a
+        # failure, or the connection being made) still happens in the next
+        # iteration, from doConnect, which calls connect() again and reads
+        # the outcome (EALREADY: still under way; EISCONN: done).
+        if whenDone and not self._requiresResolution:
+            try:
+                result = skt.connect_ex(self.addr)
+            except OSError as e:
+                result = e.args[0]
+            if result not in _CONNECT_UNDER_WAY:
+                # Fail in the next iteration, as Twisted would; the socket
+                # is not used again.
+                from twisted.internet.error import getConnectError
+                from os import strerror
+
+                super()._finishInit(
+                    None, skt, getConnectError((result, strerror(result))), reactor
+                )
+                skt.close()
+                return
+        super()._finishInit(whenDone, skt, error, reactor)
 
     def _connectDone(self) -> None:
         super()._connectDone()

@@ -112,6 +112,49 @@ class TunedEndpointTests(unittest.TestCase):
         with self.assertRaises(ConnectionRefusedError):
             yield endpoint.connect(Factory.forProtocol(lambda: Sender(b"x")))
 
+    def test_synLeavesAtOnce(self) -> None:
+        """
+        The SYN leaves from C{connect} itself, not in the next reactor
+        iteration (an early leg's SYN follows the client's at once), while
+        the protocol is still only connected in a later iteration.
+        """
+        listener = socket.socket()
+        self.addCleanup(listener.close)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        listener.setblocking(False)
+        sender = Sender(b"x")
+        endpoint = TunedTCPClientEndpoint(
+            self.reactor, "127.0.0.1", listener.getsockname()[1], timeout=5
+        )
+        d = endpoint.connect(Factory.forProtocol(lambda: sender))
+        # Loopback completes the handshake within connect(): the
+        # connection is queued for accept before the reactor runs again.
+        accepted, _ = listener.accept()
+        self.addCleanup(accepted.close)
+        self.assertFalse(sender.made.called)
+        self.assertFalse(d.called)
+        return d.addCallback(self.assertIs, sender)
+
+    @defer.inlineCallbacks
+    def test_immediateFailure(self):  # type: ignore[no-untyped-def]
+        """
+        A connect that fails at once (no route) fails the attempt in a
+        later iteration, with the error, and closes its socket.
+        """
+        from twisted.internet.error import ConnectError
+
+        sockets = []
+        endpoint = TunedTCPClientEndpoint(
+            self.reactor, "255.255.255.255", 80, onSocket=sockets.append
+        )
+        d = endpoint.connect(Factory.forProtocol(lambda: Sender(b"x")))
+        self.assertFalse(d.called)
+        with self.assertRaises(ConnectError) as caught:
+            yield d
+        self.assertIn("unreachable", str(caught.exception).lower())
+        self.assertEqual(sockets[0].fileno(), -1)
+
     @defer.inlineCallbacks
     def test_refusedFastOpen(self):  # type: ignore[no-untyped-def]
         """
