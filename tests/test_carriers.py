@@ -239,6 +239,21 @@ class ReadingTests(unittest.TestCase):
         self.assertTrue(driver.clientLegClosed)
         self.assertEqual(driver.sentToClient(), b"")
 
+    def test_policyByOrigin(self) -> None:
+        """
+        A policy rule with C{origins} decides by the client the trusted
+        header names, not by the proxy that sent it.
+        """
+        byOrigin = {"rules": [{"action": "allow", "origins": ["198.51.100.0/24"]}]}
+        driver = makeHarness(policy=byOrigin).accept()
+        driver.clientSends(header() + b"hi")
+        self.assertTrue(driver.flow.allowed)
+        self.assertEqual(driver.dialed, NextHop(DESTINATION))
+        driver = makeHarness(policy=byOrigin).accept()
+        driver.clientSends(header(source=HostPort("203.0.113.9", 1)) + b"hi")
+        self.assertIs(driver.flow.outcome, Outcome.REFUSED)
+        self.assertEqual(driver.attempts, [])
+
     def test_noPolicyRefuses(self) -> None:
         """
         Without any function allowing it, an explicit destination is

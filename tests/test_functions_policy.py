@@ -27,6 +27,7 @@ class FakeFlow:
     def __init__(self, client: str, destination: HostPort | None) -> None:
         self.client = HostPort(client, 40000)
         self.destination = destination
+        self.origin: HostPort | None = None
         self.nextHop: NextHop | None = None
         self.chain: tuple[NextHop, ...] = ()
         self.allowed = False
@@ -115,6 +116,30 @@ class PolicyTests(unittest.TestCase):
         flow, _ = decide(p, "::2", "2001:db8::5")
         self.assertIsNotNone(flow.refusal)
 
+    def test_origins(self) -> None:
+        """
+        C{origins} matches the original client a trusted carrier named
+        (C{flow.origin}), or the connecting peer when none did; C{sources}
+        always matches the connecting peer.
+        """
+        p = policy({"rules": [
+            {"action": "allow", "origins": ["192.0.2.0/24"], "ports": [80]},
+            {"action": "allow", "sources": ["192.0.2.0/24"], "ports": [81]},
+        ]})
+
+        def decideFrom(peer: str, origin: str | None, port: int) -> FakeFlow:
+            flow = FakeFlow(peer, HostPort("198.51.100.1", port))
+            flow.origin = HostPort(origin, 5000) if origin else None
+            p.handlerForFlow(flow).earlySyn(flow)
+            return flow
+
+        self.assertTrue(decideFrom("10.0.0.1", "192.0.2.7", 80).allowed)
+        self.assertTrue(decideFrom("192.0.2.7", None, 80).allowed)
+        self.assertIsNotNone(decideFrom("192.0.2.7", "10.0.0.1", 80).refusal)
+        self.assertIsNotNone(decideFrom("10.0.0.1", None, 80).refusal)
+        self.assertTrue(decideFrom("192.0.2.7", "10.0.0.1", 81).allowed)
+        self.assertIsNotNone(decideFrom("10.0.0.1", "192.0.2.7", 81).refusal)
+
     def test_nextHopAndChain(self) -> None:
         p = policy({"rules": [
             {"action": "allow", "ports": [80], "next-hop": "tcp:host=10.9.9.9:port=3128"},
@@ -198,6 +223,10 @@ class PolicyConfigTests(unittest.TestCase):
                        "rules[0].sources: must be a list")
         self.assertBad({"rules": [{"action": "allow", "sources": ["10.0.0.0/33"]}]},
                        "rules[0].sources[0]: bad CIDR")
+        self.assertBad({"rules": [{"action": "allow", "origins": ["10.0.0.0/8", 7]}]},
+                       "rules[0].origins[1]: must be a CIDR")
+        self.assertBad({"rules": [{"action": "allow", "origins": "10.0.0.0/8"}]},
+                       "rules[0].origins: must be a list")
         self.assertBad({"rules": [{"action": "allow", "destinations": ["1.2.3.4/40"]}]},
                        "rules[0].destinations[0]: bad CIDR")
         self.assertBad({"rules": [{"action": "allow", "ports": [0]}]}, "rules[0].ports[0]")

@@ -15,7 +15,8 @@ Settings (C{[function.policy]})::
 
     [[function.policy.rules]]
     action = "allow"                 # or "deny"
-    sources = ["127.0.0.0/8"]        # CIDRs of the client
+    sources = ["127.0.0.0/8"]        # CIDRs of the connecting peer
+    origins = ["192.0.2.0/24"]       # CIDRs of the original client
     destinations = ["10.0.0.0/8"]    # CIDRs or host names of the destination
     ports = [80, "8000-8099"]        # destination ports or ranges
     next-hop = "tcp:host=10.0.0.2:port=3128"   # optional
@@ -68,7 +69,11 @@ class Rule:
 
     @ivar index: The rule's position, for messages.
     @ivar allow: Whether it allows (or denies) what it matches.
-    @ivar sources: Client networks; empty matches any.
+    @ivar sources: Networks of the connecting peer (the client, or the
+        previous proxy of a chain); empty matches any.
+    @ivar origins: Networks of the original client: the one a trusted
+        PROXY header or flow address option named (C{flow.origin}), else
+        the connecting peer; empty matches any.
     @ivar destinations: Destination networks; empty matches any.
     @ivar destinationNames: Destination host names (lower case).
     @ivar ports: Destination port ranges; empty matches any.
@@ -81,6 +86,7 @@ class Rule:
     index: int
     allow: bool
     sources: tuple[_Network, ...] = ()
+    origins: tuple[_Network, ...] = ()
     destinations: tuple[_Network, ...] = ()
     destinationNames: tuple[str, ...] = ()
     ports: tuple[PortRange, ...] = ()
@@ -95,6 +101,10 @@ class Rule:
         if self.sources:
             ip = flow.client.ipAddress()
             if ip is None or not any(ip in net for net in self.sources):
+                return False
+        if self.origins:
+            ip = (getattr(flow, "origin", None) or flow.client).ipAddress()
+            if ip is None or not any(ip in net for net in self.origins):
                 return False
         destination = flow.destination
         if self.destinations or self.destinationNames:
@@ -122,6 +132,17 @@ def _list(value: object, key: str) -> list[Any]:
     if not isinstance(value, list):
         raise ConfigError(f"{key}: must be a list, not {value!r}")
     return value
+
+
+def _networks(table: dict[str, Any], index: int, key: str) -> tuple[_Network, ...]:
+    """
+    Pop the list of CIDRs at C{key} from a rule's C{table}.
+    """
+    where = _where(index, key)
+    return tuple(
+        _network(v, f"{where}[{i}]")
+        for i, v in enumerate(_list(table.pop(key, []), where))
+    )
 
 
 def _network(value: object, key: str) -> _Network:
@@ -182,10 +203,8 @@ def parseRule(index: int, table: object) -> Rule:
         raise ConfigError(
             f"{_where(index, 'action')}: must be \"allow\" or \"deny\", not {action!r}"
         )
-    sources = tuple(
-        _network(v, f"{_where(index, 'sources')}[{i}]")
-        for i, v in enumerate(_list(table.pop("sources", []), _where(index, "sources")))
-    )
+    sources = _networks(table, index, "sources")
+    origins = _networks(table, index, "origins")
     networks: list[_Network] = []
     names: list[str] = []
     for i, v in enumerate(
@@ -229,6 +248,7 @@ def parseRule(index: int, table: object) -> Rule:
         index=index,
         allow=(action == "allow"),
         sources=sources,
+        origins=origins,
         destinations=tuple(networks),
         destinationNames=tuple(names),
         ports=ports,
