@@ -38,6 +38,7 @@ _LIMIT_KEYS: dict[str, tuple[str, type]] = {
     "max-pending-syns-per-source": ("maxPendingSynsPerSource", int),
     "syn-timeout": ("synTimeout", float),
     "splice": ("splice", bool),
+    "splice-after": ("spliceAfter", int),
 }
 
 _TOP_KEYS = {

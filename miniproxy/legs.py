@@ -40,20 +40,26 @@ if TYPE_CHECKING:
 
 _log = Logger(namespace="miniproxy.legs")
 
+#: The attributes Twisted sets on a TCP transport once it has written
+#: (class attributes until then).  Those it sets when it pauses a producer
+#: or closes are left out: each name makes every instance's values larger,
+#: and those only cost a busy or closing transport its dict.
+_LATER_ATTRIBUTES = ("dataBuffer", "offset")
+
 #: The attributes a TCP transport of a flow gets, in the order it gets
 #: them: Twisted's own, then the legs' (C{bufferSize}, the producer), then
-#: the splice path's (C{doRead}, C{doWrite}).
+#: the splice path's (C{doRead}, C{doWrite}), then Twisted's later ones.
 _SERVER_ATTRIBUTES = (
     "reactor", "_tempDataBuffer", "_tempDataLen", "socket", "fileno", "protocol",
     "server", "client", "sessionno", "hostname", "logstr", "repstr", "connected",
     "bufferSize", "producer", "streamingProducer", "doRead", "doWrite",
-)
+) + _LATER_ATTRIBUTES
 _CLIENT_ATTRIBUTES = (
     "connector", "addr", "_requiresResolution", "reactor", "_tempDataBuffer",
     "_tempDataLen", "socket", "fileno", "doWrite", "doRead", "protocol",
     "realAddress", "connected", "logstr", "bufferSize", "producer",
-    "streamingProducer", "dataBuffer", "offset",
-)
+    "streamingProducer",
+) + _LATER_ATTRIBUTES
 
 
 def primeSharedKeys(cls: type, names: tuple[str, ...]) -> None:

@@ -10,6 +10,10 @@ from attrs import frozen
 #: Default bound on what one flow buffers in userspace, per direction.
 DEFAULT_MAX_BUFFER = 256 * 1024
 
+#: Default bytes a direction of a flow carries in userspace before it
+#: switches to the splice path.
+DEFAULT_SPLICE_AFTER = 64 * 1024
+
 
 @frozen
 class Limits:
@@ -35,6 +39,10 @@ class Limits:
     @ivar splice: Whether a flow whose functions never look at its bytes
         relays them socket to socket with C{splice(2)} (see
         L{miniproxy.splice}); each pipe then holds at most C{maxBuffer}.
+    @ivar spliceAfter: Bytes one direction of a flow carries in userspace
+        before it switches to the splice path: below it, opening a pipe
+        and setting it up costs more than the copies it saves, so short
+        and idle flows never have one.  0 splices from the first byte.
     """
 
     maxBuffer: int = DEFAULT_MAX_BUFFER
@@ -47,6 +55,7 @@ class Limits:
     maxPendingSynsPerSource: int = 64
     synTimeout: float = 5.0
     splice: bool = True
+    spliceAfter: int = DEFAULT_SPLICE_AFTER
 
     @property
     def readSize(self) -> int:

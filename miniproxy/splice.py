@@ -6,8 +6,13 @@ pipe with C{splice(2)}, never entering userspace.
 A flow relays this way while no function of it looks at the bytes (no
 handler wants data, see L{miniproxy.interfaces.IFlowHandler.wantsData})
 and both legs are plain TCP sockets (not TLS, not the in-memory transports
-of L{miniproxy.testing}).  Each direction has its own pipe, made when its
-first byte is read and closed when the direction ends (or the flow does).
+of L{miniproxy.testing}), and only in a direction that has carried enough
+bytes for splicing to pay (the C{splice-after} limit,
+L{miniproxy.limits.Limits.spliceAfter}): until then the direction relays in
+userspace, so an idle or short flow has no relay, no pipe and no replaced
+method at all.  Each spliced direction has its own pipe, made when its
+first byte is spliced and closed when the direction ends (or the flow
+does).
 
 The relay plugs into Twisted's reactor the way Twisted's own
 C{abortConnection} does: it replaces methods on the transport instance.
@@ -24,7 +29,9 @@ transports.
 The semantics of the userspace relay hold:
 
  - bytes arrive exactly and in order: bytes enter the pipe only while the
-   sink's transport holds nothing, and the flow writes to a sink only once
+   sink's transport holds nothing (so a direction that switches from
+   userspace splices nothing until what it wrote there is written out),
+   and the flow writes to a sink only once
    its pipe is empty (L{SpliceRelay.beforeWrite} moves what the pipe holds
    into the transport first);
  - backpressure: a pipe holds at most the flow's buffer bound
@@ -117,23 +124,47 @@ def turnOff(why: str) -> None:
     )
 
 
-def spliceable(transport: object) -> bool:
-    """
-    Whether a leg's transport is a connected, plain TCP socket whose
-    methods nobody replaced: what the splice path can relay.
-    """
+def _plainTCP(transport: Any) -> bool:
+    # A connected plain TCP socket, not closing, not being aborted.
     if not isinstance(transport, tcp.Connection) or getattr(transport, "TLS", False):
         return False
-    if not transport.connected or transport.disconnecting or transport.disconnected:
-        return False
-    if transport._aborting or "doRead" in vars(transport) or "doWrite" in vars(transport):
-        # Being aborted, still connecting, or someone else's.
+    if (
+        not transport.connected
+        or transport.disconnecting
+        or transport.disconnected
+        or transport._aborting
+    ):
         return False
     sock = getattr(transport, "socket", None)
     return (
         sock is not None
         and sock.family in (socket.AF_INET, socket.AF_INET6)
         and sock.type == socket.SOCK_STREAM
+    )
+
+
+def _own(transport: Any, name: str) -> bool:
+    """
+    Whether C{transport}'s method C{name} is its class's own: nobody (a
+    connect in progress, C{abortConnection}, a splice direction) replaced
+    it on the instance.  Asked without C{vars()}, which would make the
+    instance's C{__dict__} (CPython keeps an instance's attributes without
+    one until somebody asks for it).
+    """
+    return getattr(getattr(transport, name), "__func__", None) is getattr(
+        type(transport), name
+    )
+
+
+def spliceable(transport: object) -> bool:
+    """
+    Whether a leg's transport is a connected, plain TCP socket whose
+    methods nobody replaced: what the splice path can relay.
+    """
+    return (
+        _plainTCP(transport)
+        and _own(transport, "doRead")
+        and _own(transport, "doWrite")
     )
 
 
@@ -149,6 +180,10 @@ class _Direction:
     """
     One direction of a spliced flow: from the C{source} leg's socket through
     a pipe to the C{sink} leg's socket.
+
+    It keeps no bound method: the transports' own methods are their
+    classes', called as such, and the ones it puts on the transports are
+    made when it attaches.
 
     @ivar held: Bytes in the pipe now.
     @ivar spliced: Bytes written from the pipe to the sink so far.
@@ -173,10 +208,6 @@ class _Direction:
         "_pipe",
         "_sourceFd",
         "_sinkFd",
-        "_read",
-        "_write",
-        "_doRead",
-        "_doWrite",
     )
 
     def __init__(
@@ -196,11 +227,6 @@ class _Direction:
         self._pipe: tuple[int, int] | None = None
         self._sourceFd = -1
         self._sinkFd = -1
-        self._read: Any = None
-        self._write: Any = None
-        # Bound once, so that detach recognises them.
-        self._doRead = self.doRead
-        self._doWrite = self.doWrite
 
     def __repr__(self) -> str:
         way = "client->server" if self.fromClient else "server->client"
@@ -209,14 +235,26 @@ class _Direction:
     def usable(self) -> bool:
         """
         Whether this direction can be spliced now: its source may still
-        send and its sink may still be written to.
+        send and its sink may still be written to, both are connected plain
+        TCP sockets, and the methods it would replace are their own.
         """
-        sink: Any = self.sink.transport
+        source, sink = self.source, self.sink
+        if (
+            self.ended
+            or source.readClosed
+            or source.disconnected
+            or sink.writeClosed
+            or sink.disconnected
+        ):
+            return False
+        sourceTransport: Any = source.transport
+        sinkTransport: Any = sink.transport
         return (
-            not self.ended
-            and not self.source.readClosed
-            and not self.sink.writeClosed
-            and not sink._writeDisconnecting
+            _plainTCP(sourceTransport)
+            and _plainTCP(sinkTransport)
+            and not sinkTransport._writeDisconnecting
+            and _own(sourceTransport, "doRead")
+            and _own(sinkTransport, "doWrite")
         )
 
     def attach(self) -> None:
@@ -228,10 +266,8 @@ class _Direction:
         sink: Any = self.sink.transport
         self._sourceFd = source.fileno()
         self._sinkFd = sink.fileno()
-        self._read = source.doRead
-        self._write = sink.doWrite
-        source.doRead = self._doRead
-        sink.doWrite = self._doWrite
+        source.doRead = self.doRead
+        sink.doWrite = self.doWrite
         self.attached = True
 
     def detach(self) -> None:
@@ -244,9 +280,9 @@ class _Direction:
         self.attached = False
         source: Any = self.source.transport
         sink: Any = self.sink.transport
-        if source is not None and vars(source).get("doRead") == self._doRead:
+        if source is not None and getattr(source.doRead, "__self__", None) is self:
             del source.doRead
-        if sink is not None and vars(sink).get("doWrite") == self._doWrite:
+        if sink is not None and getattr(sink.doWrite, "__self__", None) is self:
             del sink.doWrite
 
     def closePipe(self) -> None:
@@ -269,6 +305,11 @@ class _Direction:
             pass
         self._pipe = (readEnd, writeEnd)
         return self._pipe
+
+    def _read(self) -> Any:
+        # The source transport's own doRead: the userspace relay.
+        transport: Any = self.source.transport
+        return type(transport).doRead(transport)
 
     # -- the reactor's calls ---------------------------------------------
 
@@ -300,6 +341,7 @@ class _Direction:
                 # Out of descriptors: relay this flow in userspace.
                 _log.info("no pipe for a spliced flow ({error}): userspace", error=e)
                 self.relay.suspend()
+                self.relay.off = True
                 return self._read()
         writeEnd = pipe[1]
         sourceFd = self._sourceFd
@@ -345,7 +387,8 @@ class _Direction:
             if self.held:
                 return None
             self.source.resumeReading(PAUSED_SPLICE)
-        return self._write()
+        transport: Any = self.sink.transport
+        return type(transport).doWrite(transport)
 
     # -- moving bytes ----------------------------------------------------
 
@@ -401,33 +444,63 @@ class _Direction:
 
 class SpliceRelay:
     """
-    The splice path of one flow: both directions.
+    The splice path of one flow: its directions, each made when it first
+    switches to splicing (after C{after} bytes).
+
+    A flow has a relay only once one of its directions has carried
+    C{after} bytes; an idle or short flow has none.
 
     @ivar flow: The flow.
-    @ivar toServer: The direction from the client to the server.
-    @ivar toClient: The direction from the server to the client.
-    @ivar active: Whether the flow relays on the splice path now.
+    @ivar toServer: The direction from the client to the server, or
+        L{None} while it relays in userspace and never spliced.
+    @ivar toClient: The direction from the server to the client, or
+        L{None} likewise.
+    @ivar after: The bytes a direction carries in userspace before it
+        switches (the C{splice-after} limit).
+    @ivar off: Whether this flow gave up splicing (it could not have a
+        pipe).
     """
 
-    def __init__(self, flow: Flow, accepted: Leg, outgoing: Leg, bound: int) -> None:
+    __slots__ = ("flow", "accepted", "outgoing", "bound", "after", "toServer",
+                 "toClient", "off")
+
+    def __init__(
+        self, flow: Flow, accepted: Leg, outgoing: Leg, bound: int, after: int = 0
+    ) -> None:
         """
         @param bound: The most bytes a pipe holds: the flow's buffer bound
             per direction.
+        @param after: The bytes a direction carries (the flow's byte count
+            that way) before it switches to splicing; 0 switches at once.
         """
         self.flow = flow
-        self.active = False
-        self.toServer = _Direction(self, accepted, outgoing, True, bound)
-        self.toClient = _Direction(self, outgoing, accepted, False, bound)
+        self.accepted = accepted
+        self.outgoing = outgoing
+        self.bound = bound
+        self.after = after
+        self.toServer: _Direction | None = None
+        self.toClient: _Direction | None = None
+        self.off = False
 
     def __repr__(self) -> str:
         return f"<SpliceRelay active={self.active} {self.toServer!r} {self.toClient!r}>"
+
+    @property
+    def active(self) -> bool:
+        """
+        Whether a direction of the flow relays on the splice path now.
+        """
+        toServer, toClient = self.toServer, self.toClient
+        return (toServer is not None and toServer.attached) or (
+            toClient is not None and toClient.attached
+        )
 
     @property
     def spliced(self) -> int:
         """
         The bytes relayed both ways on the splice path so far.
         """
-        return self.toServer.spliced + self.toClient.spliced
+        return sum(d.spliced for d in (self.toServer, self.toClient) if d is not None)
 
     @staticmethod
     def possible(accepted: Leg, outgoing: Leg) -> bool:
@@ -444,21 +517,42 @@ class SpliceRelay:
 
     def start(self) -> bool:
         """
-        Switch to the splice path, each direction that is still open.
+        Switch each direction that has carried C{after} bytes and is still
+        open to the splice path (a direction that is spliced already stays
+        so).
 
-        @return: Whether any direction switched.
+        @return: Whether any direction is on the splice path now.
         """
-        if self.active:
-            return True
-        if not self.possible(self.toServer.source, self.toClient.source):
+        if self.off or not stats.available:
             return False
-        for direction in (self.toServer, self.toClient):
-            if direction.usable():
-                direction.attach()
-        self.active = self.toServer.attached or self.toClient.attached
-        if self.active:
-            stats.relays += 1
+        flow = self.flow
+        after = self.after
+        if flow.bytesFromClient >= after:
+            self._start(True)
+        if flow.bytesFromServer >= after:
+            self._start(False)
         return self.active
+
+    def _start(self, toServer: bool) -> None:
+        direction = self.toServer if toServer else self.toClient
+        if direction is None:
+            if toServer:
+                source, sink = self.accepted, self.outgoing
+            else:
+                source, sink = self.outgoing, self.accepted
+            direction = _Direction(self, source, sink, toServer, self.bound)
+            if not direction.usable():
+                return
+            if self.toServer is None and self.toClient is None:
+                # The flow's first direction on the splice path.
+                stats.relays += 1
+            if toServer:
+                self.toServer = direction
+            else:
+                self.toClient = direction
+        elif direction.attached or not direction.usable():
+            return
+        direction.attach()
 
     def beforeWrite(self, toServer: bool) -> None:
         """
@@ -466,8 +560,11 @@ class SpliceRelay:
         pipe holds goes into the leg's transport first.
         """
         direction = self.toServer if toServer else self.toClient
-        if direction.held:
+        if direction is not None and direction.held:
             direction.flush()
+
+    def _directions(self) -> tuple[_Direction, ...]:
+        return tuple(d for d in (self.toServer, self.toClient) if d is not None)
 
     def suspend(self) -> None:
         """
@@ -477,9 +574,8 @@ class SpliceRelay:
         """
         if not self.active:
             return
-        self.active = False
         stats.suspended += 1
-        for direction in (self.toServer, self.toClient):
+        for direction in self._directions():
             direction.detach()
             direction.flush()
             direction.closePipe()
@@ -488,7 +584,6 @@ class SpliceRelay:
         """
         The flow is over: put the methods back and close the pipes.
         """
-        self.active = False
-        for direction in (self.toServer, self.toClient):
+        for direction in self._directions():
             direction.detach()
             direction.closePipe()

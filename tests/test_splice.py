@@ -171,13 +171,16 @@ class SpliceTestCase(unittest.TestCase):
 
     timeout = TEST_TIMEOUT
     maxBuffer = 64 * 1024
+    #: These tests are of the splice path itself: their flows switch to it
+    #: as soon as both legs are paired (L{LazyTests} test the threshold).
+    spliceAfter = 0
 
     @defer.inlineCallbacks
     def startProxy(self, net: Network, serverPort: int, **limits: Any) -> Any:
         functions = None
         if "watching" in limits:
             functions = (("watch", limits.pop("watching").factory),)
-        allLimits = {"max-buffer": self.maxBuffer}
+        allLimits = {"max-buffer": self.maxBuffer, "splice-after": self.spliceAfter}
         allLimits.update(limits)
         proxy = yield net.startProxy(
             f"tcp:host=127.0.0.1:port={serverPort}",
@@ -1187,7 +1190,7 @@ class PropertyTests(unittest.TestCase):
             watchings[maxBuffer] = Watching()
             proxies[maxBuffer] = yield net.startProxy(
                 f"tcp:host=127.0.0.1:port={serverPort}",
-                limits={"max-buffer": maxBuffer},
+                limits={"max-buffer": maxBuffer, "splice-after": 0},
                 functions=(("watch", watchings[maxBuffer].factory),),
             )
         examples = []
