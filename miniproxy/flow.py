@@ -377,7 +377,8 @@ class Flow:
         self._idleCall: Any = None
         self._lastActivity = 0.0
         self._finished = False
-        # The splice path (miniproxy.splice.SpliceRelay), once tried.
+        # The splice path (miniproxy.splice.SpliceRelay), once a direction
+        # carried splice-after bytes.
         self._splice: Any = None
         if context.staticNextHop is not None:
             self.nextHop: NextHop | None = context.staticNextHop
@@ -667,6 +668,9 @@ class Flow:
                 return
             data = out
         self.writeToServer(data)
+        if self.bytesFromClient >= self._context.limits.spliceAfter:
+            # Enough bytes this way for the splice path to pay.
+            self._maybeSplice()
 
     def dataFromServerLeg(self, data: bytes) -> None:
         """
@@ -688,6 +692,8 @@ class Flow:
                 return
             data = out
         self.writeToClient(data)
+        if self.bytesFromServer >= self._context.limits.spliceAfter:
+            self._maybeSplice()
 
     def writeToServer(self, data: bytes) -> None:
         """
@@ -780,14 +786,18 @@ class Flow:
 
     def _maybeSplice(self) -> None:
         """
-        Switch to the splice path (L{miniproxy.splice}) if this flow can:
-        it is on, no handler wants data, both legs are connected plain TCP
-        sockets, and no byte is held for either.
+        Switch to the splice path (L{miniproxy.splice}) each direction that
+        can: it has carried C{splice-after} bytes, splicing is on, no
+        handler wants data, both legs are connected plain TCP sockets, and
+        no byte is held for either.
         """
+        limits = self._context.limits
+        after = limits.spliceAfter
         if (
-            self.outcome is not None
+            (self.bytesFromClient < after and self.bytesFromServer < after)
+            or self.outcome is not None
             or self._chain.wantsData
-            or not self._context.limits.splice
+            or not limits.splice
             or self._carrier is not None
             or self._awaitingCarrier
             or self._toServer
@@ -804,7 +814,7 @@ class Flow:
             if not SpliceRelay.possible(accepted, outgoing):
                 return
             relay = self._splice = SpliceRelay(
-                self, accepted, outgoing, self._context.limits.maxBuffer
+                self, accepted, outgoing, limits.maxBuffer, after
             )
         relay.start()
 
