@@ -130,6 +130,20 @@ class CongestionControl(Enum):
     BBR = "bbr"
 
 
+def congestionControlNamed(name: str | None) -> CongestionControl:
+    """
+    The model's congestion control for a kernel's name for one
+    (C{net.ipv4.tcp_congestion_control}): C{bbr} for BBR, C{cubic} for
+    CUBIC, and Reno's slow start for any other (or none).
+    """
+    name = (name or "").strip().lower()
+    if name.startswith("bbr"):
+        return CongestionControl.BBR
+    if name == "cubic":
+        return CongestionControl.CUBIC
+    return CongestionControl.RENO
+
+
 class Mode(Enum):
     """
     How the proxies connect; see the module docstring.

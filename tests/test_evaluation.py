@@ -335,6 +335,40 @@ class Figure4ReportTests(unittest.TestCase):
         with open(os.path.join(out, "figure4-flows.csv")) as f:
             self.assertEqual(len(f.read().splitlines()), len(self.rows()) + 1)
 
+    def test_fromCSV(self) -> None:
+        """
+        C{--from-csv} measures nothing: it reads the flows back, keeps the
+        measurement's command and machine, and sets the model's column
+        with the congestion control the flows ran with.
+        """
+        self.patch(report, "pyplot", lambda: None)
+        out = self.mktemp()
+        rows = self.rows()
+        before = {**report.machine(), "load after": "1.00, 2.00, 3.00"}
+        figure4.write(out, rows, "python -m miniproxy.evaluation.figure4 --runs 5", before)
+        read = common.readFlows(os.path.join(out, "figure4-flows.csv"), ["proxies"])
+        self.assertEqual(len(read), len(rows))
+        for got, wrote in zip(read, rows):
+            for key in ("proxies", "mode", "size", "run", "ok", "error"):
+                self.assertEqual(got[key], wrote[key])
+            for key in ("connect", "ttfb", "ttc"):
+                if wrote[key] is None:
+                    self.assertIsNone(got[key])
+                else:
+                    self.assertAlmostEqual(got[key], wrote[key], places=4)
+        figure4.main(["--from-csv", "--out", out, "--congestion-control", "bbr"])
+        command, info = report.readPreamble(os.path.join(out, "figure4.md"))
+        self.assertEqual(command, "python -m miniproxy.evaluation.figure4 --runs 5")
+        self.assertEqual(info["load after"], "1.00, 2.00, 3.00")
+        self.assertIn("--from-csv", info["tables rebuilt"])
+        with open(os.path.join(out, "figure4.md")) as f:
+            self.assertIn("congestion control (`bbr`)", f.read())
+        # The rows were the Reno model's times: BBR's model is slower from
+        # 25 KB on, so the 25 KB cells are now faster than their model.
+        cells = figure4.summarise(read, congestionControl="bbr")
+        direct25 = next(c for c in cells if (c["mode"], c["size"]) == ("direct", 25_000))
+        self.assertLess(direct25["ttcDev"], -3)
+
 
 def packet(time: int, outgoing: bool, src: str, sport: int, dst: str, dport: int, flags: int,
            payload: bytes = b"") -> CapturedPacket:

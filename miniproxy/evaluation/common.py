@@ -24,7 +24,7 @@ from miniproxy.evaluation.runner import (
     KeepAwake,
     transparentConfig,
 )
-from miniproxy.model import Mode, predict
+from miniproxy.model import Mode, congestionControlNamed, predict
 
 #: Bytes in a KB, as the paper and the model count them.
 KB = 1000
@@ -92,6 +92,7 @@ def cellStats(
     keys: Sequence[str],
     rtts: Callable[[Mapping[str, Any]], list[float]],
     rate: float | None,
+    congestionControl: str = "reno",
 ) -> list[dict[str, Any]]:
     """
     Summarise measured rows by cell, beside the model.
@@ -100,6 +101,8 @@ def cellStats(
         C{size}, which every cell has).
     @param rtts: Each hop's round trip in seconds, for a cell's key dict.
     @param rate: The links' rate for the model.
+    @param congestionControl: The hosts' congestion control, by its
+        kernel name, for the model (L{congestionControlNamed}).
     @return: One dict per cell: its keys, C{sizeKB}, C{runs},
         C{failures}, and for C{ttfb}, C{ttc} and C{connect} the median,
         p10 and p90 in milliseconds, the model's C{ttfbModel} and
@@ -120,7 +123,8 @@ def cellStats(
             cell[f"{what}Median"] = stats.median
             cell[f"{what}P10"] = stats.p10
             cell[f"{what}P90"] = stats.p90
-        prediction = predict(rtts(cell), cell["size"], MODEL_MODES[cell["mode"]], rate=rate)
+        prediction = predict(rtts(cell), cell["size"], MODEL_MODES[cell["mode"]], rate=rate,
+                             congestionControl=congestionControlNamed(congestionControl))
         cell["ttfbModel"] = prediction.ttfb * 1000
         cell["ttcModel"] = prediction.ttc * 1000
         cell["ttfbDev"] = report.deviation(cell["ttfbMedian"], cell["ttfbModel"])
@@ -140,6 +144,25 @@ def _order(value: Any) -> Any:
 
 #: The columns of a flows CSV.
 FLOW_COLUMNS = ("run", "mode", "size", "ok", "connect", "ttfb", "ttc", "error")
+def readFlows(path: str, keys: Sequence[str]) -> list[dict[str, Any]]:
+    """
+    Read back a flows CSV (L{FLOW_COLUMNS} after the experiment's integer
+    C{keys}) as the rows its experiment measured.
+    """
+    import csv
+
+    rows = []
+    with open(path, newline="") as f:
+        for raw in csv.DictReader(f):
+            row: dict[str, Any] = {key: int(raw[key]) for key in keys}
+            row.update(run=int(raw["run"]), mode=raw["mode"], size=int(raw["size"]),
+                       ok=raw["ok"] == "True", error=raw["error"])
+            for what in ("connect", "ttfb", "ttc"):
+                row[what] = float(raw[what]) if raw[what] else None
+            rows.append(row)
+    return rows
+
+
 #: The columns of a cells CSV, after the experiment's own keys.
 CELL_COLUMNS = (
     "mode", "sizeKB", "runs", "failures",

@@ -20,6 +20,11 @@ Outputs in C{--out}: C{figure4-flows.csv} (every flow), C{figure4.csv}
 (each cell: medians, p10, p90, the model and the deviation),
 C{figure4.md} (the tables, against the paper and the model) and
 C{figure4.png}.
+
+C{--from-csv} rebuilds the CSV of cells, the markdown and the plot from
+C{figure4-flows.csv} in C{--out}, without measuring (the model's column
+anew, with C{--congestion-control} or the kernel's default as the
+congestion control the flows ran with).
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ from miniproxy.evaluation.common import (
     arguments,
     cells,
     cellStats,
+    readFlows,
     run,
     runsFrom,
     setUpTransparent,
@@ -125,12 +131,14 @@ def measure(
     return rows
 
 
-def summarise(rows: Sequence[Mapping[str, Any]], rtt: float = RTT, rate: int | None = RATE) -> list[dict[str, Any]]:
+def summarise(rows: Sequence[Mapping[str, Any]], rtt: float = RTT, rate: int | None = RATE,
+              congestionControl: str = "reno") -> list[dict[str, Any]]:
     """
     The cells of Figure 4 (see L{cellStats}), with the model for evenly
-    split round trips.
+    split round trips and this congestion control.
     """
-    return cellStats(rows, ["proxies"], lambda c: evenRTTs(rtt / 1000, c["proxies"]), rate)
+    return cellStats(rows, ["proxies"], lambda c: evenRTTs(rtt / 1000, c["proxies"]), rate,
+                     congestionControl)
 
 
 def pooledTTFB(rows: Sequence[Mapping[str, Any]], proxies: int, mode: str) -> float:
@@ -144,7 +152,7 @@ def pooledTTFB(rows: Sequence[Mapping[str, Any]], proxies: int, mode: str) -> fl
 
 def reductions(
     rows: Sequence[Mapping[str, Any]], cellList: Sequence[Mapping[str, Any]],
-    rtt: float = RTT, rate: int | None = RATE,
+    rtt: float = RTT, rate: int | None = RATE, congestionControl: str = "reno",
 ) -> list[dict[str, Any]]:
     """
     The headline numbers for each number of proxies: how much ESF cuts the
@@ -152,17 +160,20 @@ def reductions(
     and how much accept mode cuts the TTFB; measured, by the model, by the
     paper, and the target.
     """
-    from miniproxy.model import Mode, predict
+    from miniproxy.model import Mode, congestionControlNamed, predict
 
+    cc = congestionControlNamed(congestionControl)
     direct = pooledTTFB(rows, 0, "direct")
     byCell = {(c["proxies"], c["mode"], c["size"]): c for c in cellList}
     base25 = byCell.get((0, "direct", 25 * KB))
-    modelBase = predict(evenRTTs(rtt / 1000, 0), 25 * KB, rate=rate)
+    modelBase = predict(evenRTTs(rtt / 1000, 0), 25 * KB, rate=rate, congestionControl=cc)
     out = []
     for proxies in sorted({r["proxies"] for r in rows} - {0}):
         early25 = byCell.get((proxies, "early", 25 * KB))
-        model = predict(evenRTTs(rtt / 1000, proxies), 25 * KB, Mode.ESF, rate=rate)
-        modelAccept = predict(evenRTTs(rtt / 1000, proxies), 25 * KB, Mode.ACCEPT, rate=rate)
+        model = predict(evenRTTs(rtt / 1000, proxies), 25 * KB, Mode.ESF, rate=rate,
+                        congestionControl=cc)
+        modelAccept = predict(evenRTTs(rtt / 1000, proxies), 25 * KB, Mode.ACCEPT, rate=rate,
+                              congestionControl=cc)
         out.append({
             "proxies": proxies,
             "ttfbCut": report.reduction(pooledTTFB(rows, proxies, "early"), direct),
@@ -196,9 +207,11 @@ def markdown(
     before: Mapping[str, str],
     rtt: float = RTT,
     rate: int | None = RATE,
+    congestionControl: str = "reno",
 ) -> str:
     """
-    The markdown report of Figure 4.
+    The markdown report of Figure 4, against the model with this
+    congestion control.
     """
     failures = sum(1 for r in rows if not r["ok"])
     notes = (
@@ -206,8 +219,8 @@ def markdown(
         f"{(rate or 0) / 1e6:g} Mb/s each way; every proxy is `twistd miniproxy` with a "
         "transparent (TPROXY) listener in early mode (ESF, SYN tap) and one in accept mode. "
         f"{len(rows)} measured flows, {failures} failed. Times are medians in ms with "
-        "[p10, p90]; the model is `miniproxy.model.predict` at the links' rate; "
-        "deviation = (median − model) / model."
+        "[p10, p90]; the model is `miniproxy.model.predict` at the links' rate with the hosts' "
+        f"congestion control (`{congestionControl}`); deviation = (median − model) / model."
     )
     text = [report.preamble("Figure 4: TTFB and TTC through 0 to 3 proxies", command, before, notes)]
     text.append("## Reductions against the direct path (medians)\n")
@@ -326,21 +339,22 @@ def plot(cellList: Sequence[Mapping[str, Any]], path: str) -> bool:
 
 
 def write(out: str, rows: Sequence[Mapping[str, Any]], command: str, before: Mapping[str, str],
-          rtt: float = RTT, rate: int | None = RATE) -> list[str]:
+          rtt: float = RTT, rate: int | None = RATE, congestionControl: str = "reno") -> list[str]:
     """
-    Write Figure 4's outputs into directory C{out}.
+    Write Figure 4's outputs into directory C{out}, against the model with
+    the congestion control the flows ran with.
 
     @return: The paths written.
     """
     os.makedirs(out, exist_ok=True)
-    cellList = summarise(rows, rtt, rate)
-    cuts = reductions(rows, cellList, rtt, rate)
+    cellList = summarise(rows, rtt, rate, congestionControl)
+    cuts = reductions(rows, cellList, rtt, rate, congestionControl)
     paths = [os.path.join(out, f"{NAME}-flows.csv"), os.path.join(out, f"{NAME}.csv"),
              os.path.join(out, f"{NAME}.md")]
     report.writeCSV(paths[0], rows, ("proxies", *FLOW_COLUMNS))
     report.writeCSV(paths[1], cellList, ("proxies", *CELL_COLUMNS))
     with open(paths[2], "w") as f:
-        f.write(markdown(rows, cellList, cuts, command, before, rtt, rate))
+        f.write(markdown(rows, cellList, cuts, command, before, rtt, rate, congestionControl))
     png = os.path.join(out, f"{NAME}.png")
     if plot(cellList, png):
         paths.append(png)
@@ -358,12 +372,25 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--congestion-control", default=None,
                         help="set this congestion control in every namespace instead of the "
                              "kernel's default (to investigate; not for the figure; a namespace may only set those in net.ipv4.tcp_allowed_congestion_control)")
+    parser.add_argument("--from-csv", action="store_true",
+                        help="measure nothing: rebuild the cells' CSV, the markdown and the plot in "
+                             "--out from its figure4-flows.csv (the model anew, with "
+                             "--congestion-control or the kernel's default)")
     args = parser.parse_args(argv)
     runs = runsFrom(args)
     before = report.machine()
+    congestionControl = args.congestion_control or before["congestion control"]
     if args.congestion_control:
         before["congestion control"] = f"{args.congestion_control} (set in every namespace)"
     command = report.commandLine(argv)
+    if args.from_csv:
+        rows = readFlows(os.path.join(args.out, f"{NAME}-flows.csv"), ["proxies"])
+        measuredWith, measuredOn = report.readPreamble(os.path.join(args.out, f"{NAME}.md"))
+        measuredOn["tables rebuilt"] = f"{before['date']} from the flows' CSV: `{command}`"
+        for path in write(args.out, rows, measuredWith or command, measuredOn or before,
+                          congestionControl=congestionControl):
+            print(f"wrote {path}")
+        return
 
     @inlineCallbacks
     def experiment(reactor: Any) -> Any:
@@ -377,7 +404,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             )
         finally:
             removeWorkDirectory(directory, args.keep)
-        for path in write(args.out, rows, command, before):
+        for path in write(args.out, rows, command, before, congestionControl=congestionControl):
             print(f"wrote {path}")
 
     run(experiment, args, before)

@@ -205,7 +205,7 @@ def preamble(title: str, command: str, before: Mapping[str, str], notes: str = "
     the date and the machine, the load before and after.
     """
     info = dict(before)
-    info["load after"] = loadAverage()
+    info.setdefault("load after", loadAverage())
     lines = [
         f"# {title}",
         "",
@@ -220,6 +220,33 @@ def preamble(title: str, command: str, before: Mapping[str, str], notes: str = "
     if notes:
         lines += [notes.strip(), ""]
     return "\n".join(lines)
+
+
+def readPreamble(path: str) -> tuple[str, dict[str, str]]:
+    """
+    The command and the machine's table of a markdown output that
+    L{preamble} began, so that its tables can be rebuilt from its CSV
+    without measuring again (with C{load after} kept).
+
+    @return: The command and the table, or C{("", {})} if there is no
+        such file.
+    """
+    try:
+        with open(path) as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return "", {}
+    command = ""
+    if "```sh" in lines:
+        command = lines[lines.index("```sh") + 1]
+    info: dict[str, str] = {}
+    for line in lines:
+        if line.startswith("## "):
+            break
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if line.startswith("| ") and len(cells) == 2 and cells[0] and cells[0] != "---":
+            info[cells[0]] = cells[1]
+    return command, info
 
 
 def pyplot() -> Any:
