@@ -459,8 +459,17 @@ def _portforward(listenPort: int, backendPort: int, workdir: Path) -> list[str]:
 MINIPROXY_LIMITS = ("--max-flows", "100000", "--max-flows-per-source", "100000")
 
 
+#: How the lean peers are run: C{python -m miniproxy} (L{miniproxy.run}),
+#: with or without C{site} (then with the repository and this interpreter's
+#: C{site-packages} on C{PYTHONPATH}, see L{_pythonPath}).
+LEAN = (sys.executable, "-m", "miniproxy")
+LEAN_NO_SITE = (sys.executable, "-S", "-m", "miniproxy")
+
+
 def _miniproxy(mode: str, functions: Sequence[str] = (), listen: str | None = None,
-               config: str | None = None) -> Callable[[int, int, Path], list[str]]:
+               config: str | None = None,
+               runner: Sequence[str] = (*TWISTD, "-n", "--pidfile=", "miniproxy"),
+               ) -> Callable[[int, int, Path], list[str]]:
     def build(listenPort: int, backendPort: int, workdir: Path) -> list[str]:
         options = []
         if config is not None:
@@ -468,10 +477,7 @@ def _miniproxy(mode: str, functions: Sequence[str] = (), listen: str | None = No
             path.write_text(config)
             options = ["--config", str(path)]
         command = [
-            *TWISTD,
-            "-n",
-            "--pidfile=",
-            "miniproxy",
+            *runner,
             *options,
             "--listen",
             listen or f"tcp:{listenPort}:interface=127.0.0.1",
@@ -488,8 +494,12 @@ def _miniproxy(mode: str, functions: Sequence[str] = (), listen: str | None = No
     return build
 
 
-def _pythonPath(*extra: Path) -> str:
+def _pythonPath(*extra: Path, sitePackages: bool = False) -> str:
     parts = [str(p) for p in extra] + [str(REPO)]
+    if sitePackages:
+        import sysconfig
+
+        parts += dict.fromkeys([sysconfig.get_path("purelib"), sysconfig.get_path("platlib")])
     if os.environ.get("PYTHONPATH"):
         parts.append(os.environ["PYTHONPATH"])
     return os.pathsep.join(parts)
@@ -513,6 +523,20 @@ MINIPROXY_EARLY = Peer(
     "miniproxy --mode early",
     _miniproxy("early"),
     env={"PYTHONPATH": _pythonPath()},
+)
+MINIPROXY_LEAN = Peer(
+    "miniproxy-lean",
+    "python -m miniproxy --mode accept",
+    _miniproxy("accept", runner=LEAN),
+    env={"PYTHONPATH": _pythonPath()},
+    measures=("coldStart",),
+)
+MINIPROXY_LEAN_NO_SITE = Peer(
+    "miniproxy-lean-nosite",
+    "python -S -m miniproxy --mode accept",
+    _miniproxy("accept", runner=LEAN_NO_SITE),
+    env={"PYTHONPATH": _pythonPath(sitePackages=True)},
+    measures=("coldStart",),
 )
 MINIPROXY_USERSPACE = Peer(
     "miniproxy-userspace",
@@ -546,6 +570,8 @@ PEERS: tuple[Peer, ...] = (
     PORTFORWARD,
     MINIPROXY_ACCEPT,
     MINIPROXY_EARLY,
+    MINIPROXY_LEAN,
+    MINIPROXY_LEAN_NO_SITE,
     MINIPROXY_USERSPACE,
     MINIPROXY_WORKERS,
 )

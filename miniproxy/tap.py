@@ -6,12 +6,14 @@ The C{twistd miniproxy} command: its options, and the service it makes.
 from __future__ import annotations
 
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.python import usage
 
-from miniproxy.config import ServiceConfig, buildConfig, loadConfig
 from miniproxy.errors import ConfigError, FunctionError
+
+if TYPE_CHECKING:
+    from miniproxy.config import ServiceConfig
 
 
 class Options(usage.Options):
@@ -68,6 +70,11 @@ class Options(usage.Options):
         """
         List the functions, or build and validate the configuration.
         """
+        # Imported here: the configuration's modules import Twisted's TCP
+        # transports, which C{python -m miniproxy} imports only once it
+        # knows whether TLS is configured (see L{miniproxy.run}).
+        from miniproxy.config import buildConfig, loadConfig
+
         if self["list-functions"]:
             sys.stdout.write(listFunctions())
             raise SystemExit(0)
