@@ -324,15 +324,15 @@ class _Direction:
             self._waitForSink()
             return None
         sink: Any = self.sink.transport
-        if (
-            sink._tempDataLen
-            or len(sink.dataBuffer) > sink.offset
-            or sink._writeDisconnecting
-            or not sink.connected
-        ):
-            # What the sink's transport holds goes first (and a sink
-            # being closed is the userspace relay's business).
+        if sink._writeDisconnecting or not sink.connected:
+            # A sink being closed is the userspace relay's business.
             return self._read()
+        if sink._tempDataLen or len(sink.dataBuffer) > sink.offset:
+            # What the sink's transport holds goes first (the bytes a
+            # direction relayed before it switched, or bytes the flow
+            # wrote): read again once it is written.
+            self._waitForSink()
+            return None
         pipe = self._pipe
         if pipe is None:
             try:
@@ -386,9 +386,12 @@ class _Direction:
                 return self.sinkError
             if self.held:
                 return None
-            self.source.resumeReading(PAUSED_SPLICE)
         transport: Any = self.sink.transport
-        return type(transport).doWrite(transport)
+        result = type(transport).doWrite(transport)
+        if not result and not buffered(transport):
+            # The pipe and the transport are empty: read the source again.
+            self.source.resumeReading(PAUSED_SPLICE)
+        return result
 
     # -- moving bytes ----------------------------------------------------
 
@@ -424,21 +427,20 @@ class _Direction:
         """
         Move what the pipe holds into the sink's transport, so that bytes
         written to the sink from now on follow it; the source is read
-        again.
+        again (the userspace relay's backpressure holds it from then on).
         """
-        if not self.held:
-            return
-        readEnd = self._pipe[0]  # type: ignore[index]
-        chunks = []
-        while self.held:
-            data = os.read(readEnd, self.held)
-            if not data:
-                raise RuntimeError(f"{self!r}: the pipe is short of its bytes")
-            chunks.append(data)
-            self.held -= len(data)
-            self.flushed += len(data)
-        if not self.sink.disconnected:
-            self.sink.transport.write(b"".join(chunks))  # type: ignore[union-attr]
+        if self.held:
+            readEnd = self._pipe[0]  # type: ignore[index]
+            chunks = []
+            while self.held:
+                data = os.read(readEnd, self.held)
+                if not data:
+                    raise RuntimeError(f"{self!r}: the pipe is short of its bytes")
+                chunks.append(data)
+                self.held -= len(data)
+                self.flushed += len(data)
+            if not self.sink.disconnected:
+                self.sink.transport.write(b"".join(chunks))  # type: ignore[union-attr]
         self.source.resumeReading(PAUSED_SPLICE)
 
 
@@ -561,6 +563,8 @@ class SpliceRelay:
         """
         direction = self.toServer if toServer else self.toClient
         if direction is not None and direction.held:
+            # (While the pipe is empty, the transport's bytes go first
+            # anyway: the direction waits for them to be written.)
             direction.flush()
 
     def _directions(self) -> tuple[_Direction, ...]:

@@ -47,7 +47,8 @@ STEP_TIMEOUT = 30
 
 #: The child: a proxy service relaying to C{sys.argv[1]}, answering one
 #: JSON line per command line on stdin (C{rss}, C{trace}, C{snapshot},
-#: C{flows}), and reporting its listening port first.
+#: C{flows}, C{baseline}, C{added}), and reporting its listening port
+#: first.
 CHILD = r"""
 import gc, json, os, sys, tracemalloc
 from collections import Counter
@@ -73,6 +74,10 @@ def rss():
 def types():
     return Counter(f"{type(o).__module__}.{type(o).__qualname__}" for o in gc.get_objects())
 
+def pipes():
+    return sum(os.readlink(f"/proc/self/fd/{fd}").startswith("pipe:")
+               for fd in os.listdir("/proc/self/fd") if os.path.exists(f"/proc/self/fd/{fd}"))
+
 class Commands(LineReceiver):
     delimiter = b"\n"
     baseline = None
@@ -94,6 +99,17 @@ class Commands(LineReceiver):
             self.baseline = types()
             tracemalloc.start(1)
             self.reply(ok=True)
+        elif command == "baseline":
+            gc.collect()
+            self.baseline = types()
+            self.pipes = pipes()
+            self.reply(ok=True)
+        elif command == "added":
+            gc.collect()
+            counts = types()
+            counts.subtract(self.baseline)
+            self.reply(objects={k: v for k, v in counts.items() if v > 0},
+                       pipes=pipes() - self.pipes)
         elif command == "snapshot":
             gc.collect()
             snapshot = tracemalloc.take_snapshot()
@@ -311,3 +327,29 @@ class MemoryPerFlowTests(unittest.TestCase):
         self.assertGreater(perFlow, 0)
         self.assertLess(perFlow, BOUND)
         self.assertLess(report["tracedPerFlow"], BOUND)
+
+    def test_idleFlowObjects(self) -> None:
+        """
+        An idle flow (a byte relayed each way) holds no splice relay, no
+        splice direction and no pipe (a direction switches to the splice
+        path only after C{splice-after} bytes), keeps no bound method, and
+        gives neither of its transports a C{__dict__} of its own.
+        """
+        warm = self.hold(20)
+        warm.close()
+        self.waitForFlows(0)
+        n = 200
+        self.proxy.ask("baseline")
+        self.hold(n)
+        added = self.proxy.ask("added")
+        perFlow = {name: count / n for name, count in added["objects"].items()}
+        self.assertEqual(added["pipes"], 0)
+        for name in ("miniproxy.splice.SpliceRelay", "miniproxy.splice._Direction"):
+            self.assertNotIn(name, perFlow)
+        # Shared structures grow now and then: well under one per flow.
+        self.assertLess(perFlow.get("builtins.method", 0), 0.1)
+        self.assertLess(perFlow.get("builtins.dict", 0), 0.1)
+        # What a flow is made of.
+        for name in ("miniproxy.flow.Flow", "miniproxy.legs.AcceptedLeg",
+                     "miniproxy.legs.OutgoingLeg", "twisted.internet.tcp.Server"):
+            self.assertEqual(perFlow.get(name), 1.0, name)

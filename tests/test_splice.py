@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import gc
 import os
 import selectors
 import socket
@@ -33,7 +34,8 @@ from miniproxy.config import buildConfig
 from miniproxy.errors import ConfigError
 from miniproxy.flow import PAUSED_SPLICE, Outcome
 from miniproxy.functions.base import FlowHandler, HandlerFactory
-from miniproxy.splice import SpliceRelay, buffered, spliceable, stats
+from miniproxy.limits import DEFAULT_SPLICE_AFTER, Limits
+from miniproxy.splice import SpliceRelay, _Direction, buffered, spliceable, stats
 from miniproxy.verdict import CONTINUE, Chunk, Verdict
 from tests.support import (
     TEST_TIMEOUT,
@@ -78,6 +80,49 @@ def splicingFlow(proxy: Any) -> defer.Deferred:
         return False
 
     return waitUntil(check, "a flow on the splice path").addCallback(lambda _: found[0])
+
+
+def pairedFlow(proxy: Any) -> defer.Deferred:
+    """
+    @return: A L{defer.Deferred} firing with the proxy's first open flow
+        once both its legs are connected.
+    """
+    found: list[Any] = []
+
+    def check() -> bool:
+        for flow in proxy.openFlows():
+            if flow._accepted is not None and flow._outgoing is not None:
+                found.append(flow)
+                return True
+        return False
+
+    return waitUntil(check, "a flow with both legs").addCallback(lambda _: found[0])
+
+
+def pipes() -> int:
+    """
+    How many pipe descriptors this process has open.
+    """
+    return sum(1 for what in openFiles().values() if what.startswith("pipe:"))
+
+
+def ownMethods(transport: Any) -> bool:
+    """
+    Whether C{transport}'s C{doRead} and C{doWrite} are its class's own
+    (no splice direction replaced them).
+    """
+    return all(
+        getattr(getattr(transport, name), "__func__", None) is getattr(type(transport), name)
+        for name in ("doRead", "doWrite")
+    )
+
+
+def directionsOf(flow: Any) -> list[Any]:
+    """
+    The splice directions that exist for C{flow}, found by the garbage
+    collector (not through the flow).
+    """
+    return [o for o in gc.get_objects() if isinstance(o, _Direction) and o.relay.flow is flow]
 
 
 def fionread(fd: int) -> int:
@@ -810,7 +855,8 @@ class FallbackTests(SpliceTestCase):
         """
         A flow that goes (back) to the splice path while its outgoing
         transport still holds bytes the server has not taken splices
-        nothing ahead of them: what it reads goes after them.
+        nothing ahead of them: it reads the client again once they are
+        written, and what it reads then goes after them, spliced.
         """
         net = Network(self)
         serverPort, servers = net.server(pauseOnConnect=True)
@@ -832,12 +878,16 @@ class FallbackTests(SpliceTestCase):
         watching.watcherOf(flow).watch(False)
         self.assertTrue(flow._splice.active)
         client.transport.write(second)
-        yield waitUntil(lambda: flow.bytesFromClient == len(first) + len(second),
-                        "the second part")
+        accepted = flow._accepted
+        yield waitUntil(lambda: bool(accepted._paused & PAUSED_SPLICE)
+                        and not isReading(accepted.transport),
+                        "the proxy to wait for the server's bytes to be written")
+        self.assertEqual(flow.bytesFromClient, len(first))
         self.assertEqual(flow._splice.toServer.spliced, 0)
         server.transport.resumeProducing()
         yield withTimeout(server.waitForBytes(len(first) + len(second)), 20, "every byte")
         self.assertEqual(server.received, first + second)
+        self.assertEqual(flow._splice.toServer.spliced, len(second))
 
     @defer.inlineCallbacks
     def test_functionWritesWhileHolding(self) -> Any:
@@ -1012,9 +1062,220 @@ class FileDescriptorTests(SpliceTestCase):
         self.assertEqual(leaked, {}, f"{len(after) - len(before)} descriptors leaked")
 
 
+class LazyTests(SpliceTestCase):
+    """
+    A direction relays in userspace until it has carried C{splice-after}
+    bytes, and only then switches to the splice path: idle and short flows
+    never make a relay, a direction or a pipe, and a long one switches
+    without losing or reordering a byte.
+    """
+
+    spliceAfter = DEFAULT_SPLICE_AFTER
+
+    def setUp(self) -> None:
+        self.pipesOpened = 0
+        real = _Direction._openPipe
+
+        def counted(direction: _Direction) -> tuple[int, int]:
+            self.pipesOpened += 1
+            return real(direction)
+
+        self.patch(_Direction, "_openPipe", counted)
+
+    @defer.inlineCallbacks
+    def exchange(self, up: int, down: int) -> Any:
+        """
+        A client sends C{up} bytes, the server answers C{down} bytes; the
+        flow is still open when this fires.
+
+        @return: The proxy, the client, the server, the flow and the
+            pipes the process had before.
+        """
+        net = Network(self)
+        serverPort, servers = net.server()
+        proxy = yield self.startProxy(net, serverPort)
+        client = yield net.connect(proxy.port)
+        server = yield servers.nextPeer()
+        flow = yield pairedFlow(proxy)
+        before = pipes()
+        request, response = pattern(up, 1), pattern(down, 2)
+        client.transport.write(request)
+        yield withTimeout(server.waitForBytes(up), 10, "the request")
+        server.transport.write(response)
+        yield withTimeout(client.waitForBytes(down), 10, "the response")
+        self.assertEqual((server.received, client.received), (request, response))
+        return proxy, client, server, flow, before
+
+    def assertNoSplice(self, flow: Any, before: int) -> None:
+        """
+        C{flow} has no splice relay, no direction and no pipe, and its
+        transports have their own methods.
+        """
+        self.assertIsNone(flow._splice)
+        self.assertEqual(directionsOf(flow), [])
+        self.assertEqual(self.pipesOpened, 0)
+        self.assertEqual(pipes(), before)
+        self.assertTrue(ownMethods(flow._accepted.transport))
+        self.assertTrue(ownMethods(flow._outgoing.transport))
+
+    @defer.inlineCallbacks
+    def test_shortAndIdleFlows(self) -> Any:
+        """
+        A flow with no byte, an idle flow (a byte each way), a short flow
+        (a 100 B request, a 1 KiB reply), and one a byte short of the
+        threshold each way open no pipe and make no splice object, while
+        open and once closed.
+        """
+        for up, down in ((0, 0), (1, 1), (100, 1024),
+                         (self.spliceAfter - 1, self.spliceAfter - 1)):
+            relays = stats.relays
+            proxy, client, server, flow, before = yield self.exchange(up, down)
+            self.assertNoSplice(flow, before)
+            client.transport.loseConnection()
+            yield withTimeout(server.eof, 10, "the server's EOF")
+            server.transport.loseConnection()
+            yield withTimeout(
+                defer.gatherResults([client.lost, server.lost]), 10, "both ends to close"
+            )
+            closed = yield proxy.nextClosed()
+            self.assertIs(closed, flow)
+            self.assertEqual(flow.outcome, Outcome.OK)
+            self.assertEqual((flow.bytesFromClient, flow.bytesFromServer), (up, down))
+            self.assertIsNone(flow._splice)
+            self.assertEqual(stats.relays, relays)
+
+    @defer.inlineCallbacks
+    def test_oneDirection(self) -> Any:
+        """
+        A short request and a long response: only the response's direction
+        switches to the splice path, after C{splice-after} bytes; the
+        request's direction never has one, and its source keeps its own
+        C{doRead}.
+        """
+        down = 2 * MiB + 3
+        proxy, client, server, flow, before = yield self.exchange(100, down)
+        relay = flow._splice
+        self.assertIsNone(relay.toServer)
+        self.assertEqual(directionsOf(flow), [relay.toClient])
+        self.assertGreater(relay.toClient.spliced, 0)
+        self.assertLessEqual(relay.toClient.spliced, down - self.spliceAfter)
+        self.assertEqual(
+            getattr(flow._accepted.transport.doRead, "__func__", None),
+            type(flow._accepted.transport).doRead,
+        )
+        self.assertTrue(relay.active)
+
+    @defer.inlineCallbacks
+    def test_largeTransfer(self) -> Any:
+        """
+        Several MB each way, written at once: both directions switch, most
+        of their bytes are spliced, every byte arrives once and in order,
+        each FIN after its bytes, and the pipes are closed at the end.
+        """
+        net = Network(self)
+        serverPort, servers = net.server(keep=False)
+        proxy = yield self.startProxy(net, serverPort)
+        relays = stats.relays
+        client = yield net.connect(proxy.port, Peer(keep=False))
+        server = yield servers.nextPeer()
+        flow = yield pairedFlow(proxy)
+        before = pipes()
+        up, down = pattern(4 * MiB + 11, 3), pattern(6 * MiB + 5, 4)
+        client.transport.write(up)
+        client.transport.loseWriteConnection()
+        server.transport.write(down)
+        server.transport.loseWriteConnection()
+        yield withTimeout(
+            defer.gatherResults([client.lost, server.lost]), 30, "both ends to close"
+        )
+        yield proxy.nextClosed()
+        self.assertEqual((server.size, server.digest.hexdigest()), (len(up), sha256(up)))
+        self.assertEqual((client.size, client.digest.hexdigest()),
+                         (len(down), sha256(down)))
+        self.assertTrue(client.eofBeforeLost and server.eofBeforeLost)
+        self.assertEqual(flow.outcome, Outcome.OK)
+        relay = flow._splice
+        for direction, stream in ((relay.toServer, up), (relay.toClient, down)):
+            self.assertGreater(direction.spliced, len(stream) // 2)
+            self.assertLessEqual(direction.spliced, len(stream) - self.spliceAfter)
+            self.assertIsNone(direction._pipe)
+        self.assertEqual(stats.relays, relays + 1)
+        self.assertEqual(self.pipesOpened, 2)
+        self.assertEqual(pipes(), before)
+
+    @defer.inlineCallbacks
+    def test_slowReaderAcrossTheSwitch(self) -> Any:
+        """
+        The server writes 16 MB to a client that does not read: the switch
+        happens with bytes in the client leg's transport; the direction
+        splices nothing until they are written, and what the proxy holds
+        (in that transport and in the pipe) stays within C{max-buffer}.
+        Once the client reads, every byte arrives.
+        """
+        net = Network(self)
+        serverPort, servers = net.server()
+        proxy = yield self.startProxy(net, serverPort)
+        client = yield net.connect(proxy.port, Peer(pauseOnConnect=True, keep=False))
+        server = yield servers.nextPeer()
+        flow = yield pairedFlow(proxy)
+        data = os.urandom(16 * MiB)
+        server.transport.write(data)
+        source, sink = flow._outgoing, flow._accepted
+        yield waitUntil(
+            lambda: flow._splice is not None
+            and flow._splice.toClient is not None
+            and not isReading(source.transport)
+            and buffered(server.transport) > 0,
+            "the proxy to stop reading the server",
+            timeout=20,
+        )
+        direction = flow._splice.toClient
+        held = buffered(sink.transport) + (pipeHolds(direction) if direction._pipe else 0)
+        self.assertGreater(held, 0)
+        self.assertLessEqual(held, self.maxBuffer)
+        client.transport.resumeProducing()
+        server.transport.loseWriteConnection()
+        yield withTimeout(client.eof, 30, "the client to read everything")
+        client.transport.loseConnection()
+        yield withTimeout(server.lost, 10, "the server to close")
+        yield proxy.nextClosed()
+        self.assertEqual((client.size, client.digest.hexdigest()),
+                         (len(data), sha256(data)))
+        self.assertGreater(direction.spliced, 0)
+
+    @defer.inlineCallbacks
+    def test_dataFunction(self) -> Any:
+        """
+        A flow whose function wants the bytes never splices, however many
+        it carries; once the function no longer wants them, its directions
+        past the threshold switch.
+        """
+        net = Network(self)
+        serverPort, servers = net.server(echo=True)
+        watching = Watching(wantsData=True)
+        proxy = yield self.startProxy(net, serverPort, watching=watching)
+        client = yield net.connect(proxy.port)
+        yield servers.nextPeer()
+        flow = yield pairedFlow(proxy)
+        first, second = pattern(MiB, 5), pattern(MiB, 6)
+        client.transport.write(first)
+        yield withTimeout(client.waitForBytes(len(first)), 10, "the first echo")
+        self.assertIsNone(flow._splice)
+        watcher = watching.watcherOf(flow)
+        self.assertEqual(b"".join(watcher.fromClient), first)
+        watcher.watch(False)
+        self.assertTrue(flow._splice.active)
+        self.assertIsNotNone(flow._splice.toServer)
+        self.assertIsNotNone(flow._splice.toClient)
+        client.transport.write(second)
+        yield withTimeout(client.waitForBytes(2 * MiB), 10, "the second echo")
+        self.assertEqual(client.received, first + second)
+        self.assertEqual(b"".join(watcher.fromClient), first)
+
+
 class SettingTests(unittest.TestCase):
     """
-    The C{[limits] splice} setting.
+    The C{[limits] splice} and C{splice-after} settings.
     """
 
     def test_default(self) -> None:
@@ -1031,6 +1292,25 @@ class SettingTests(unittest.TestCase):
         """
         e = self.assertRaises(ConfigError, buildConfig, {"limits": {"splice": 1}})
         self.assertEqual(str(e), "limits.splice: must be true or false, not 1")
+
+    def test_spliceAfter(self) -> None:
+        """
+        C{splice-after} is 64 KiB by default, a whole number of bytes, 0
+        or more.
+        """
+        self.assertEqual(Limits().spliceAfter, 64 * 1024)
+        self.assertEqual(buildConfig({}).limits.spliceAfter, DEFAULT_SPLICE_AFTER)
+        self.assertEqual(
+            buildConfig({"limits": {"splice-after": 0}}).limits.spliceAfter, 0
+        )
+        self.assertEqual(
+            buildConfig({}, limits={"splice-after": "1048576"}).limits.spliceAfter,
+            MiB,
+        )
+        e = self.assertRaises(
+            ConfigError, buildConfig, {"limits": {"splice-after": -1}}
+        )
+        self.assertEqual(str(e), "limits.splice-after: must not be negative, not -1")
 
 
 class MemoryTransportTests(unittest.TestCase):
@@ -1083,6 +1363,10 @@ class MemoryTransportTests(unittest.TestCase):
 #: One side's stream: chunk sizes up to past the largest pipe.
 chunkSizes = st.lists(st.integers(1, 150_000), max_size=6)
 
+#: The buffer bounds and thresholds of the scenarios' proxies.
+MAX_BUFFERS = (4096, 16384, 65536)
+SPLICE_AFTERS = (0, 5000, 100_000)
+
 
 @st.composite
 def scenarios(draw: Any) -> dict[str, Any]:
@@ -1105,7 +1389,8 @@ def scenarios(draw: Any) -> dict[str, Any]:
         steps.insert(watchAt, ("watch", 0))
     return {
         "steps": steps,
-        "maxBuffer": draw(st.sampled_from([4096, 16384, 65536])),
+        "maxBuffer": draw(st.sampled_from(MAX_BUFFERS)),
+        "spliceAfter": draw(st.sampled_from(SPLICE_AFTERS)),
         "seed": draw(st.integers(0, 250)),
     }
 
@@ -1166,9 +1451,12 @@ def _pump(sides: list[_Side], sender: _Side | None, data: bytes, deadline: float
 class PropertyTests(unittest.TestCase):
     """
     Whatever the chunking, the interleaving of the two directions, the
-    moment of each FIN, the buffer bound and the moment a function asks for
-    the bytes, every byte arrives once and in order, every byte read before
-    that moment was spliced, and the hook sees exactly the rest.
+    moment of each FIN, the buffer bound, the C{splice-after} threshold and
+    the moment a function asks for the bytes, every byte arrives once and
+    in order, and the hook sees exactly the bytes read after that moment.
+    With no threshold, every byte read before it was spliced; with one, a
+    direction that carried fewer bytes never had a splice direction, and
+    one that carried more spliced none of its first C{splice-after}.
     """
 
     timeout = 60
@@ -1186,24 +1474,26 @@ class PropertyTests(unittest.TestCase):
         serverPort = listener.getsockname()[1]
         proxies = {}
         watchings = {}
-        for maxBuffer in (4096, 16384, 65536):
-            watchings[maxBuffer] = Watching()
-            proxies[maxBuffer] = yield net.startProxy(
-                f"tcp:host=127.0.0.1:port={serverPort}",
-                limits={"max-buffer": maxBuffer, "splice-after": 0},
-                functions=(("watch", watchings[maxBuffer].factory),),
-            )
+        for maxBuffer in MAX_BUFFERS:
+            for after in SPLICE_AFTERS:
+                key = (maxBuffer, after)
+                watchings[key] = Watching()
+                proxies[key] = yield net.startProxy(
+                    f"tcp:host=127.0.0.1:port={serverPort}",
+                    limits={"max-buffer": maxBuffer, "splice-after": after},
+                    functions=(("watch", watchings[key].factory),),
+                )
         examples = []
 
-        @settings(max_examples=20, deadline=None, database=None)
+        @settings(max_examples=30, deadline=None, database=None)
         @given(scenarios())
         def run(scenario: dict[str, Any]) -> None:
             examples.append(scenario)
-            self.runScenario(reactor, listener, proxies[scenario["maxBuffer"]],
-                             watchings[scenario["maxBuffer"]], scenario)
+            key = (scenario["maxBuffer"], scenario["spliceAfter"])
+            self.runScenario(reactor, listener, proxies[key], watchings[key], scenario)
 
         yield threads.deferToThread(run)
-        self.assertEqual(len(examples), 20)
+        self.assertEqual(len(examples), 30)
 
     def runScenario(self, reactor: Any, listener: socket.socket, proxy: Any,
                     watching: Watching, scenario: dict[str, Any]) -> None:
@@ -1225,7 +1515,10 @@ class PropertyTests(unittest.TestCase):
             raise
         server = _Side(serverSock)
         try:
-            flow = blockingCallFromThread(reactor, splicingFlow, proxy)
+            after = scenario["spliceAfter"]
+            flow = blockingCallFromThread(
+                reactor, splicingFlow if after == 0 else pairedFlow, proxy
+            )
             watcher = watching.watcherOf(flow)
             taken = None
             seed = scenario["seed"]
@@ -1262,17 +1555,27 @@ class PropertyTests(unittest.TestCase):
         self.assertEqual((flow.bytesFromClient, flow.bytesFromServer),
                          (len(upStream), len(downStream)))
         relay = flow._splice
-        for direction, stream, seen, index in (
-            (relay.toServer, upStream, watcher.fromClient, 0),
-            (relay.toClient, downStream, watcher.fromServer, 1),
+        for name, stream, seen, index in (
+            ("toServer", upStream, watcher.fromClient, 0),
+            ("toClient", downStream, watcher.fromServer, 1),
         ):
+            direction = getattr(relay, name, None)
             seenBytes = b"".join(seen)
             if taken is None:
                 self.assertEqual(seenBytes, b"")
-                self.assertEqual(direction.spliced, len(stream))
             else:
                 self.assertEqual(seenBytes, stream[taken[index]:])
-                self.assertEqual(direction.spliced + direction.flushed, taken[index])
+            if after == 0:
+                # Spliced from the first byte until the function asked.
+                self.assertEqual(direction.spliced + direction.flushed,
+                                 len(stream) if taken is None else taken[index])
+            elif len(stream) < after:
+                self.assertIsNone(direction)
+            elif taken is None:
+                self.assertIsNotNone(direction)
+            if direction is not None and after:
+                self.assertLessEqual(direction.spliced + direction.flushed,
+                                     len(stream) - after)
 
     @staticmethod
     def watch(flow: Any, watcher: Watcher) -> tuple[int, int]:
