@@ -42,8 +42,9 @@ TLS configured.  With anything TLS configured, nothing is refused and
 the TLS modules are imported before the listeners are up, so that the
 first flow does not pay for them.
 
-Usage errors exit with status 2, configuration errors and listeners that
-cannot listen with status 1, each with one line on standard error.
+Options or a config file that do not parse exit with status 2; a
+function that is not installed or badly configured, and a listener that
+cannot listen, with status 1; each with one line on standard error.
 """
 
 from __future__ import annotations
@@ -331,7 +332,7 @@ def main(argv: Sequence[str] | None = None, stderr: IO[str] | None = None) -> in
             try:
                 options.parseOptions(argv)
             except usage.UsageError as e:
-                stderr.write(f"{PROGRAM}: {e}\n{PROGRAM}: try {PROGRAM} --help\n")
+                stderr.write(f"{PROGRAM}: {e} (see --help)\n")
                 return 2
             reactor = installReactor()
         if tls:
