@@ -113,7 +113,8 @@ class Leg:
     @ivar transport: The leg's transport, once connected.
     @ivar connected: Whether C{makeConnection} was called (as
         L{twisted.internet.protocol.BaseProtocol}'s).
-    @ivar factory: The factory that made the leg.
+    @ivar factory: The factory that made the accepted leg (its listener's);
+        L{None} for an outgoing leg.
     @ivar readClosed: The peer sent a FIN (or the leg is closed).
     @ivar writeClosed: This leg's write side is shut down.
     @ivar disconnected: The connection is closed.
@@ -474,11 +475,12 @@ class OutgoingLegFactory:
 
     def buildProtocol(self, addr: Any) -> OutgoingLeg:
         """
-        Make the leg, bound to the flow.
+        Make the leg, bound to the flow.  The leg does not keep its
+        factory (its C{factory} stays L{None}): nothing needs it once the
+        leg is made, and the factory is freed once the leg connects.
         """
         leg = OutgoingLeg()
         leg.flow = self.flow
-        leg.factory = self
         leg.preamble = self.preamble
         return leg
 

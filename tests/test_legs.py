@@ -333,14 +333,20 @@ class FactoryTests(unittest.TestCase):
 
     def test_outgoingLegBound(self) -> None:
         """
-        L{OutgoingLegFactory} makes legs bound to its flow.
+        L{OutgoingLegFactory} makes legs bound to its flow, with its
+        preamble; the leg does not keep the factory (a flow held open
+        does not hold it).
         """
+        import gc
+
         flow = object()
-        factory = OutgoingLegFactory(flow)  # type: ignore[arg-type]
+        factory = OutgoingLegFactory(flow, preamble=b"PROXY")  # type: ignore[arg-type]
         leg = factory.buildProtocol(None)
         self.assertIsInstance(leg, OutgoingLeg)
         self.assertIs(leg.flow, flow)
-        self.assertIs(leg.factory, factory)
+        self.assertEqual(leg.preamble, b"PROXY")
+        self.assertIsNone(leg.factory)
+        self.assertFalse(any(o is factory for o in gc.get_referents(leg)))
 
 
 @implementer(IHalfCloseableProtocol)
