@@ -207,6 +207,24 @@ class _Connecting:
         """
 
 
+class _AttemptOver:
+    """
+    The connector of a L{_TunedClient} connected through L{_Connecting}:
+    the end of its connection concerns no factory (L{_Connecting} does
+    nothing then).
+    """
+
+    __slots__ = ()
+
+    def connectionLost(self, reason: Any) -> None:
+        """
+        Nothing to tell.
+        """
+
+
+_ATTEMPT_OVER = _AttemptOver()
+
+
 #: C{connect()} results that mean the attempt is under way or done.
 _CONNECT_UNDER_WAY = frozenset((0, EINPROGRESS, EALREADY, EWOULDBLOCK, EISCONN))
 
@@ -247,6 +265,10 @@ class _TunedClient(tcp.Client):
         factory = self.connector.factory
         if isinstance(factory, _Connecting):
             factory.connected(self.protocol)
+            # The attempt is over: let go of the connector and the factory
+            # (as Twisted does once an attempt fails), instead of holding
+            # them, some 250 bytes, as long as the connection.
+            self.connector = _ATTEMPT_OVER
 
     def createInternetSocket(self) -> socket.socket:
         # tcp.Client creates its socket in __init__, once it has its

@@ -332,8 +332,10 @@ class MemoryPerFlowTests(unittest.TestCase):
         """
         An idle flow (a byte relayed each way) holds no splice relay, no
         splice direction and no pipe (a direction switches to the splice
-        path only after C{splice-after} bytes), keeps no bound method, and
-        gives neither of its transports a C{__dict__} of its own.
+        path only after C{splice-after} bytes), keeps no bound method,
+        gives neither of its transports a C{__dict__} of its own, and does
+        not keep what connected its outgoing leg (the connector, the
+        connecting factory, the leg's factory).
         """
         warm = self.hold(20)
         warm.close()
@@ -344,7 +346,9 @@ class MemoryPerFlowTests(unittest.TestCase):
         added = self.proxy.ask("added")
         perFlow = {name: count / n for name, count in added["objects"].items()}
         self.assertEqual(added["pipes"], 0)
-        for name in ("miniproxy.splice.SpliceRelay", "miniproxy.splice._Direction"):
+        for name in ("miniproxy.splice.SpliceRelay", "miniproxy.splice._Direction",
+                     "miniproxy.tcpclient._TunedConnector", "miniproxy.tcpclient._Connecting",
+                     "miniproxy.legs.OutgoingLegFactory"):
             self.assertNotIn(name, perFlow)
         # Shared structures grow now and then: well under one per flow.
         self.assertLess(perFlow.get("builtins.method", 0), 0.1)
