@@ -22,7 +22,9 @@ take everything, the source stops being read (the pause bit
 L{miniproxy.flow.PAUSED_SPLICE}) and the sink's transport waits to be
 writable (C{startWriting}); its C{doWrite} drains the pipe first, then runs
 Twisted's own C{doWrite} for what the transport itself holds and for its
-half-close and close.  The epoll reactor keys descriptors by their number,
+half-close and close, and reads the source again once both are empty.
+While the sink's transport holds bytes, the source waits the same way.
+The epoll reactor keys descriptors by their number,
 so the relay registers no object of its own: it only uses the two
 transports.
 
@@ -31,9 +33,9 @@ The semantics of the userspace relay hold:
  - bytes arrive exactly and in order: bytes enter the pipe only while the
    sink's transport holds nothing (so a direction that switches from
    userspace splices nothing until what it wrote there is written out),
-   and the flow writes to a sink only once
-   its pipe is empty (L{SpliceRelay.beforeWrite} moves what the pipe holds
-   into the transport first);
+   and the flow writes to a sink only once its pipe is empty
+   (L{SpliceRelay.beforeWrite} moves what the pipe holds into the
+   transport first);
  - backpressure: a pipe holds at most the flow's buffer bound
    (C{max-buffer}); while it holds anything, the source is not read;
  - half-close: the source's end of file is read only once its pipe is
@@ -45,7 +47,8 @@ A flow leaves the splice path (L{SpliceRelay.suspend}) when a function
 asks for the bytes (L{miniproxy.interfaces.IFlow.wantsDataChanged}): what
 the pipes hold is written on first, then the userspace relay goes on.  If
 the kernel refuses C{splice} on these sockets (C{EINVAL}, C{ENOSYS}), the
-process relays in userspace from then on, with one log line.
+process relays in userspace from then on, with one log line; a flow that
+cannot have a pipe (out of descriptors) does for the rest of its life.
 """
 
 from __future__ import annotations
@@ -453,6 +456,9 @@ class SpliceRelay:
     C{after} bytes; an idle or short flow has none.
 
     @ivar flow: The flow.
+    @ivar accepted: Its accepted leg.
+    @ivar outgoing: Its outgoing leg.
+    @ivar bound: The most bytes a pipe holds.
     @ivar toServer: The direction from the client to the server, or
         L{None} while it relays in userspace and never spliced.
     @ivar toClient: The direction from the server to the client, or
@@ -563,8 +569,6 @@ class SpliceRelay:
         """
         direction = self.toServer if toServer else self.toClient
         if direction is not None and direction.held:
-            # (While the pipe is empty, the transport's bytes go first
-            # anyway: the direction waits for them to be written.)
             direction.flush()
 
     def _directions(self) -> tuple[_Direction, ...]:
