@@ -19,6 +19,7 @@ import math
 import os
 import socket
 import statistics
+import sys
 import threading
 import tomllib
 from typing import Any
@@ -30,7 +31,18 @@ from twisted.logger import Logger
 from twisted.trial import unittest
 
 from miniproxy.config import buildConfig
-from miniproxy.evaluation import breakdown, client, common, figure4, report, runner, server, table1
+from miniproxy.evaluation import (
+    breakdown,
+    client,
+    common,
+    fastopen,
+    figure4,
+    figure5,
+    report,
+    runner,
+    server,
+    table1,
+)
 from miniproxy.evaluation.packets import WireFlow, connections, inOrder, synOrder
 from miniproxy.model import Mode, evenRTTs, ttfb
 from miniproxy.testbed.capture import ETH_P_IP, CapturedPacket
@@ -368,6 +380,158 @@ class Figure4ReportTests(unittest.TestCase):
         cells = figure4.summarise(read, congestionControl="bbr")
         direct25 = next(c for c in cells if (c["mode"], c["size"]) == ("direct", 25_000))
         self.assertLess(direct25["ttcDev"], -3)
+
+
+def withoutRebuilt(path: str) -> str:
+    """
+    A markdown output without its C{tables rebuilt} line.
+    """
+    with open(path) as f:
+        return "".join(line for line in f if not line.startswith("| tables rebuilt |"))
+
+
+def readText(path: str) -> str:
+    with open(path) as f:
+        return f.read()
+
+
+class FromCSVTests(unittest.TestCase):
+    """
+    C{--from-csv} rebuilds every experiment's outputs from the CSV of its
+    flows: it measures nothing, keeps the measurement's command and
+    machine, and takes the model's congestion control from the command
+    line or else from what the measurement recorded.
+    """
+
+    def setUp(self) -> None:
+        self.patch(report, "pyplot", lambda: None)
+        self.patch(sys, "stdout", io.StringIO())
+        self.out = self.mktemp()
+
+    def cell(self, name: str) -> dict[str, Any]:
+        """
+        The only cell of a cells' CSV in the output directory.
+        """
+        [cell] = common.readRows(os.path.join(self.out, name), {"mode": str})
+        return cell
+
+    def machine(self, congestionControl: str = "bbr") -> dict[str, str]:
+        return {**report.machine(), "congestion control": congestionControl,
+                "load after": "1.00, 2.00, 3.00"}
+
+    @given(st.lists(st.fixed_dictionaries({
+        "n": st.integers(-1000, 1000),
+        "name": st.text(st.characters(blacklist_categories=("Cs", "Cc")), max_size=8),
+        "ok": st.booleans(),
+        "ms": st.none() | st.floats(-1e6, 1e6).map(lambda x: round(x, 4)),
+    }), max_size=5))
+    def test_readRows(self, rows: list[dict[str, Any]]) -> None:
+        """
+        L{common.readRows} reads back what L{report.writeCSV} wrote: each
+        column with its type, milliseconds (to their four places) as
+        floats, an empty cell as L{None}, or C{""} in a text column.
+        """
+        path = self.mktemp()
+        report.writeCSV(path, rows, ("n", "name", "ok", "ms"))
+        read = common.readRows(path, {"n": int, "name": str, "ok": common.readBool})
+        self.assertEqual(read, rows)
+
+    def test_figure5(self) -> None:
+        """
+        Figure 5's delays are read back as the floats they were; its model
+        is the recorded congestion control's: BBR's, slower than Reno's
+        from 25 KB on.
+        """
+        rows = []
+        for delay in (25.0, 27.5):
+            rows += [{**r, "delay": delay} for r in modelRows(1, "early", 25_000, 0)]
+        rows += [{**r, "delay": 50.0} for r in modelRows(0, "direct", 25_000, 0)]
+        command = "python -m miniproxy.evaluation.figure5 --delays 25,27.5 --sizes 25"
+        figure5.write(self.out, rows, command, self.machine("bbr"))
+        renoCells = readText(os.path.join(self.out, "figure5.csv"))
+        figure5.main(["--from-csv", "--out", self.out])
+        read = common.readFlows(os.path.join(self.out, "figure5-flows.csv"), {"delay": float})
+        self.assertEqual(sorted({r["delay"] for r in read}), [25.0, 27.5, 50.0])
+        markdown = os.path.join(self.out, "figure5.md")
+        self.assertEqual(report.readPreamble(markdown)[0], command)
+        self.assertIn("congestion control (`bbr`)", readText(markdown))
+        self.assertNotEqual(readText(os.path.join(self.out, "figure5.csv")), renoCells)
+        cells = figure5.summarise(read, congestionControl="bbr")
+        self.assertEqual(len(cells), 3)
+        self.assertTrue(all(c["ttcDev"] < -3 for c in cells), cells)
+
+    def test_fastOpen(self) -> None:
+        """
+        The Fast Open run's mode comes from the command that measured it,
+        its congestion control from the machine it ran on, and
+        C{--congestion-control} overrides that.
+        """
+        rows = modelRows(1, "tfo", 25_000, 0)
+        command = "python -m miniproxy.evaluation.fastopen --mode early --proxies 1 --sizes 25"
+        fastopen.write(self.out, rows, command, self.machine("reno (set in every namespace)"), "early")
+        fastopen.main(["--from-csv", "--out", self.out])
+        text = readText(os.path.join(self.out, "fastopen.md"))
+        self.assertIn("listeners in `early` mode", text)
+        self.assertIn("congestion control (`reno`)", text)
+        # The rows were the Reno model's times; BBR's model is slower.
+        self.assertAlmostEqual(self.cell("fastopen.csv")["ttcDev"], 0, places=3)
+        fastopen.main(["--from-csv", "--out", self.out, "--congestion-control", "bbr"])
+        self.assertIn("congestion control (`bbr`)", readText(os.path.join(self.out, "fastopen.md")))
+        self.assertLess(self.cell("fastopen.csv")["ttcDev"], -3)
+
+    def test_figure4Recorded(self) -> None:
+        """
+        Figure 4 rebuilt without C{--congestion-control} takes the one the
+        flows ran with.
+        """
+        rows = modelRows(0, "direct", 25_000, 0)
+        figure4.write(self.out, rows, "python -m miniproxy.evaluation.figure4 --congestion-control reno",
+                      self.machine("reno (set in every namespace)"))
+        figure4.main(["--from-csv", "--out", self.out])
+        self.assertIn("congestion control (`reno`)", readText(os.path.join(self.out, "figure4.md")))
+        self.assertAlmostEqual(self.cell("figure4.csv")["ttcDev"], 0, places=3)
+
+    def test_table1(self) -> None:
+        """
+        Table 1 rebuilt from its flows is what its measurement wrote.
+        """
+        rows = []
+        for path, first in (("early", 3.0), ("accept", 2.5), ("no proxy", 1.0)):
+            for i in range(4):
+                rows.append({"level": 30, "path": path, "run": i // 2, "index": i, "ok": i != 3,
+                             "error": "" if i != 3 else "timed out", "connect": 0.1, "ttfb": first,
+                             "clientConnect": 0.2, "clientTtfb": first + 0.5,
+                             "proxyEstablish": 0.5 if path != "no proxy" else None})
+        table1.write(self.out, rows, "python -m miniproxy.evaluation.table1 --levels 30", self.machine())
+        written = {name: readText(os.path.join(self.out, name)) for name in ("table1.csv", "table1-flows.csv")}
+        markdown = withoutRebuilt(os.path.join(self.out, "table1.md"))
+        table1.main(["--from-csv", "--out", self.out])
+        for name, text in written.items():
+            self.assertEqual(readText(os.path.join(self.out, name)), text, name)
+        self.assertEqual(withoutRebuilt(os.path.join(self.out, "table1.md")), markdown)
+        self.assertIn("--from-csv", report.readPreamble(os.path.join(self.out, "table1.md"))[1]["tables rebuilt"])
+
+    def test_breakdown(self) -> None:
+        """
+        The breakdown rebuilt from its CSV is what its measurement wrote,
+        whatever parts each row has.
+        """
+        rows: list[dict[str, Any]] = []
+        for run in range(3):
+            rows.append({"proxies": 0, "mode": "direct", "run": run, "clientTtfb": 201.5,
+                         "ttfb": 201.25, "client": 0.25, "server": 0.5, "link0.out": 0.125,
+                         "link0.back": 0.25})
+            rows.append({"proxies": 1, "mode": "early", "run": run, "clientTtfb": 152.5,
+                         "ttfb": 152.25, "client": 0.25, "server": 0.5, "link0.out": 0.125,
+                         "link0.back": 0.25, "p1.syn": 1.0, "p1.request": 0.5,
+                         "p1.response": 0.25, "link1.out": 0.125, "link1.back": 0.25})
+        breakdown.write(self.out, rows, "python -m miniproxy.evaluation.breakdown --proxies 0,1",
+                        self.machine())
+        written = readText(os.path.join(self.out, "breakdown.csv"))
+        markdown = withoutRebuilt(os.path.join(self.out, "breakdown.md"))
+        breakdown.main(["--from-csv", "--out", self.out])
+        self.assertEqual(readText(os.path.join(self.out, "breakdown.csv")), written)
+        self.assertEqual(withoutRebuilt(os.path.join(self.out, "breakdown.md")), markdown)
 
 
 def packet(time: int, outgoing: bool, src: str, sport: int, dst: str, dport: int, flags: int,

@@ -36,6 +36,8 @@ request, so a proxy's I{SYN to SYN} is its whole relay of the request, and
 there is no separate request relay.
 
 Outputs: C{breakdown.csv} (one row per flow and part) and C{breakdown.md}.
+C{--from-csv} rebuilds the markdown from C{breakdown.csv} in C{--out},
+without measuring.
 """
 
 from __future__ import annotations
@@ -46,7 +48,16 @@ from typing import Any, Callable, Mapping, Sequence
 from twisted.internet.defer import inlineCallbacks
 
 from miniproxy.evaluation import report
-from miniproxy.evaluation.common import GAP, KB, RATE, arguments, run, runsFrom, setUpTransparent
+from miniproxy.evaluation.common import (
+    GAP,
+    KB,
+    RATE,
+    arguments,
+    readRows,
+    run,
+    runsFrom,
+    setUpTransparent,
+)
 from miniproxy.evaluation.figure4 import PROXIES, RTT, modesFor
 from miniproxy.evaluation.packets import WireFlow, connections, inOrder
 from miniproxy.evaluation.runner import (
@@ -373,10 +384,19 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="numbers of proxies (0,1,2,3)")
     parser.add_argument("--size", type=float, default=SIZE / KB, help="flow size in KB (10)")
     parser.add_argument("--no-fast-open", action="store_true", help="skip the Fast Open chains")
+    parser.add_argument("--from-csv", action="store_true",
+                        help="measure nothing: rebuild the markdown in --out from its breakdown.csv")
     args = parser.parse_args(argv)
     runs = runsFrom(args, RUNS, QUICK_RUNS)
     before = report.machine()
     command = report.commandLine(argv)
+    if args.from_csv:
+        rows = readRows(os.path.join(args.out, f"{NAME}.csv"), {"proxies": int, "mode": str, "run": int})
+        measuredWith, measuredOn = report.readPreamble(os.path.join(args.out, f"{NAME}.md"))
+        measuredOn["tables rebuilt"] = f"{before['date']} from the flows' CSV: `{command}`"
+        for path in write(args.out, rows, measuredWith or command, measuredOn or before):
+            print(f"wrote {path}")
+        return
 
     @inlineCallbacks
     def experiment(reactor: Any) -> Any:

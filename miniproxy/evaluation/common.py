@@ -8,6 +8,7 @@ and the command line.
 from __future__ import annotations
 
 import argparse
+import csv
 import os
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -144,23 +145,48 @@ def _order(value: Any) -> Any:
 
 #: The columns of a flows CSV.
 FLOW_COLUMNS = ("run", "mode", "size", "ok", "connect", "ttfb", "ttc", "error")
-def readFlows(path: str, keys: Sequence[str]) -> list[dict[str, Any]]:
-    """
-    Read back a flows CSV (L{FLOW_COLUMNS} after the experiment's integer
-    C{keys}) as the rows its experiment measured.
-    """
-    import csv
 
+
+def readRows(path: str, types: Mapping[str, Callable[[str], Any]]) -> list[dict[str, Any]]:
+    """
+    Read back a CSV that L{report.writeCSV} wrote, as the rows it was
+    written from.
+
+    @param types: What reads each column that is not a number of
+        milliseconds (C{int}, C{str}, L{readBool}, ...); every other column
+        is read as a C{float}.  An empty cell is L{None}, but in a C{str}
+        column, where it is C{""}.
+    @return: One dict per line, its keys in the CSV's order.
+    """
     rows = []
     with open(path, newline="") as f:
         for raw in csv.DictReader(f):
-            row: dict[str, Any] = {key: int(raw[key]) for key in keys}
-            row.update(run=int(raw["run"]), mode=raw["mode"], size=int(raw["size"]),
-                       ok=raw["ok"] == "True", error=raw["error"])
-            for what in ("connect", "ttfb", "ttc"):
-                row[what] = float(raw[what]) if raw[what] else None
+            row: dict[str, Any] = {}
+            for key, value in raw.items():
+                kind = types.get(key, float)
+                row[key] = kind(value) if value or kind is str else None
             rows.append(row)
     return rows
+
+
+def readBool(value: str) -> bool:
+    """
+    A boolean as L{report.writeCSV} wrote it.
+    """
+    return value == "True"
+
+
+def readFlows(path: str, keys: Sequence[str] | Mapping[str, Callable[[str], Any]]) -> list[dict[str, Any]]:
+    """
+    Read back a flows CSV (L{FLOW_COLUMNS} after the experiment's C{keys})
+    as the rows its experiment measured.
+
+    @param keys: The experiment's keys: their names (integers), or each
+        name with the type that reads it (C{float} for Figure 5's delays).
+    """
+    types = dict(keys) if isinstance(keys, Mapping) else dict.fromkeys(keys, int)
+    types.update(run=int, mode=str, size=int, ok=readBool, error=str)
+    return readRows(path, types)
 
 
 #: The columns of a cells CSV, after the experiment's own keys.

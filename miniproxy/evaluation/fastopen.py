@@ -35,6 +35,12 @@ measured) make every hop fetch its Fast Open cookie first.
 
 Outputs: C{fastopen-flows.csv}, C{fastopen.csv}, C{fastopen.md},
 C{fastopen.png}.
+
+C{--from-csv} rebuilds the CSV of cells, the markdown and the plot from
+C{fastopen-flows.csv} in C{--out}, without measuring (the model's column
+anew, with C{--congestion-control} or the congestion control the flows
+ran with; the mode the flows ran in is read from the command that
+measured them).
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ from __future__ import annotations
 import csv
 import math
 import os
+import shlex
 from typing import Any, Callable, Mapping, Sequence
 
 from twisted.internet.defer import inlineCallbacks
@@ -58,6 +65,7 @@ from miniproxy.evaluation.common import (
     arguments,
     cells,
     cellStats,
+    readFlows,
     run,
     runsFrom,
 )
@@ -75,7 +83,7 @@ from miniproxy.evaluation.runner import (
     removeWorkDirectory,
     workDirectory,
 )
-from miniproxy.model import Mode, evenRTTs, predict
+from miniproxy.model import Mode, congestionControlNamed, evenRTTs, predict
 from miniproxy.testbed.topology import CLIENT_SIDE, LineTopology
 
 #: The end-to-end round trip, in milliseconds.
@@ -140,10 +148,14 @@ def measure(
     mode: str = MODE,
     warmUp: int = WARM_UP,
     gap: float = GAP,
+    congestionControl: str | None = None,
     log: Callable[[str], None] = lambda line: None,
 ) -> Any:
     """
     Run the Fast Open flows: one line per number of proxies.
+
+    @param congestionControl: Another congestion control than the
+        kernel's default, in every namespace (to investigate only).
 
     @return: A L{Deferred} firing with the measured rows, tagged with
         C{proxies} and mode C{tfo}.
@@ -163,16 +175,20 @@ def measure(
         def setUp(bed: Bed) -> None:
             setUpChain(bed, mode)
 
-        results = yield onBed(reactor, line, where, setUp, body, fastOpen=True)
+        results = yield onBed(reactor, line, where, setUp, body, fastOpen=True,
+                              congestionControl=congestionControl)
         rows += measured(results)
     return rows
 
 
-def summarise(rows: Sequence[Mapping[str, Any]], rtt: float = RTT, rate: int | None = RATE) -> list[dict[str, Any]]:
+def summarise(rows: Sequence[Mapping[str, Any]], rtt: float = RTT, rate: int | None = RATE,
+              congestionControl: str = "reno") -> list[dict[str, Any]]:
     """
-    The cells (see L{cellStats}) against L{Mode.TFO_ALL}.
+    The cells (see L{cellStats}) against L{Mode.TFO_ALL} with this
+    congestion control.
     """
-    return cellStats(rows, ["proxies"], lambda c: evenRTTs(rtt / 1000, c["proxies"]), rate)
+    return cellStats(rows, ["proxies"], lambda c: evenRTTs(rtt / 1000, c["proxies"]), rate,
+                     congestionControl)
 
 
 def figure4Medians(out: str) -> dict[tuple[int, str, float], tuple[float, float]]:
@@ -203,18 +219,22 @@ def markdown(
     mode: str = MODE,
     rtt: float = RTT,
     rate: int | None = RATE,
+    congestionControl: str = "reno",
 ) -> str:
     """
-    The markdown report: each cell against the model, beside ESF (the
-    model, and Figure 4's measurement when there is one).
+    The markdown report: each cell against the model (with this
+    congestion control), beside ESF (the model, and Figure 4's
+    measurement when there is one).
     """
+    cc = congestionControlNamed(congestionControl)
     failures = sum(1 for r in rows if not r["ok"])
     notes = (
         f"The line of Figure 4 with `net.ipv4.tcp_fastopen=3` everywhere; the client uses "
         f"`TCP_FASTOPEN_CONNECT`; p1 is transparent, p2..pn explicit (`explicit = [\"proxy-v2\"]`), "
         f"each next hop `fastopen=yes` and (between proxies) `carry=proxy-v2`; listeners in "
         f"`{mode}` mode. {len(rows)} measured flows, {failures} failed. Medians in ms with "
-        "[p10, p90]; the model is `Mode.TFO_ALL`; 'ESF' is Figure 4's early mode, measured "
+        "[p10, p90]; the model is `Mode.TFO_ALL` at the links' rate with the hosts' congestion "
+        f"control (`{congestionControl}`); 'ESF' is Figure 4's early mode, measured "
         "(from figure4.csv, when present) and by the model."
     )
     text = [report.preamble("Beyond the paper: Fast Open on every hop", command, before, notes)]
@@ -223,8 +243,10 @@ def markdown(
     for proxies in sorted({c["proxies"] for c in cellList}):
         ttfbs = [r["ttfb"] for r in rows if r["ok"] and r["proxies"] == proxies]
         ttfb = report.summarise(ttfbs).median
-        model = predict(evenRTTs(rtt / 1000, proxies), 25 * KB, Mode.TFO_ALL, rate=rate)
-        esfModel = predict(evenRTTs(rtt / 1000, proxies), 25 * KB, Mode.ESF, rate=rate)
+        model = predict(evenRTTs(rtt / 1000, proxies), 25 * KB, Mode.TFO_ALL, rate=rate,
+                        congestionControl=cc)
+        esfModel = predict(evenRTTs(rtt / 1000, proxies), 25 * KB, Mode.ESF, rate=rate,
+                           congestionControl=cc)
         cell25 = next((c for c in cellList if c["proxies"] == proxies and c["size"] == 25 * KB), None)
         esfMode = "direct" if proxies == 0 else "early"
         measuredESF = [v for (p, m, _), v in esf.items() if p == proxies and m == esfMode]
@@ -305,21 +327,23 @@ def plot(cellList: Sequence[Mapping[str, Any]], esf: Mapping[tuple[int, str, flo
 
 
 def write(out: str, rows: Sequence[Mapping[str, Any]], command: str, before: Mapping[str, str],
-          mode: str = MODE) -> list[str]:
+          mode: str = MODE, congestionControl: str = "reno") -> list[str]:
     """
-    Write the outputs into directory C{out}.
+    Write the outputs into directory C{out}, against the model with the
+    congestion control the flows ran with.
 
     @return: The paths written.
     """
     os.makedirs(out, exist_ok=True)
-    cellList = summarise(rows)
+    cellList = summarise(rows, congestionControl=congestionControl)
     esf = figure4Medians(out)
     paths = [os.path.join(out, f"{NAME}-flows.csv"), os.path.join(out, f"{NAME}.csv"),
              os.path.join(out, f"{NAME}.md")]
     report.writeCSV(paths[0], rows, ("proxies", *FLOW_COLUMNS))
     report.writeCSV(paths[1], cellList, ("proxies", *CELL_COLUMNS))
     with open(paths[2], "w") as f:
-        f.write(markdown(rows, cellList, command, before, esf, mode))
+        f.write(markdown(rows, cellList, command, before, esf, mode,
+                         congestionControl=congestionControl))
     png = os.path.join(out, f"{NAME}.png")
     if plot(cellList, esf, png):
         paths.append(png)
@@ -335,10 +359,30 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="numbers of proxies (0,1,2,3)")
     parser.add_argument("--sizes", default=",".join(map(str, SIZES_KB)), help="flow sizes in KB")
     parser.add_argument("--mode", default=MODE, help="the proxies' connect mode (first-data)")
+    parser.add_argument("--congestion-control", default=None,
+                        help="set this congestion control in every namespace instead of the "
+                             "kernel's default (to investigate; not for the figure; a namespace may only set those in net.ipv4.tcp_allowed_congestion_control)")
+    parser.add_argument("--from-csv", action="store_true",
+                        help="measure nothing: rebuild the cells' CSV, the markdown and the plot in "
+                             "--out from its fastopen-flows.csv (the model anew, with "
+                             "--congestion-control or the one the flows ran with)")
     args = parser.parse_args(argv)
     runs = runsFrom(args)
     before = report.machine()
+    congestionControl = args.congestion_control or before["congestion control"]
+    if args.congestion_control:
+        before["congestion control"] = f"{args.congestion_control} (set in every namespace)"
     command = report.commandLine(argv)
+    if args.from_csv:
+        rows = readFlows(os.path.join(args.out, f"{NAME}-flows.csv"), ["proxies"])
+        measuredWith, measuredOn = report.readPreamble(os.path.join(args.out, f"{NAME}.md"))
+        recorded = measuredOn.get("congestion control", "").split(" ")[0]
+        measuredOn["tables rebuilt"] = f"{before['date']} from the flows' CSV: `{command}`"
+        mode = parser.parse_known_args(shlex.split(measuredWith)[3:])[0].mode if measuredWith else args.mode
+        for path in write(args.out, rows, measuredWith or command, measuredOn or before, mode,
+                          congestionControl=args.congestion_control or recorded or congestionControl):
+            print(f"wrote {path}")
+        return
 
     @inlineCallbacks
     def experiment(reactor: Any) -> Any:
@@ -348,11 +392,13 @@ def main(argv: Sequence[str] | None = None) -> None:
                 reactor, directory,
                 proxyCounts=[int(p) for p in args.proxies.split(",")],
                 sizes=[int(float(s) * KB) for s in args.sizes.split(",")],
-                runs=runs, gap=args.gap, mode=args.mode, log=print,
+                runs=runs, gap=args.gap, mode=args.mode,
+                congestionControl=args.congestion_control, log=print,
             )
         finally:
             removeWorkDirectory(directory, args.keep)
-        for path in write(args.out, rows, command, before, args.mode):
+        for path in write(args.out, rows, command, before, args.mode,
+                          congestionControl=congestionControl):
             print(f"wrote {path}")
 
     run(experiment, args, before)

@@ -23,8 +23,8 @@ C{figure4.png}.
 
 C{--from-csv} rebuilds the CSV of cells, the markdown and the plot from
 C{figure4-flows.csv} in C{--out}, without measuring (the model's column
-anew, with C{--congestion-control} or the kernel's default as the
-congestion control the flows ran with).
+anew, with C{--congestion-control} or the congestion control the flows
+ran with, as the markdown recorded it).
 """
 
 from __future__ import annotations
@@ -375,7 +375,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--from-csv", action="store_true",
                         help="measure nothing: rebuild the cells' CSV, the markdown and the plot in "
                              "--out from its figure4-flows.csv (the model anew, with "
-                             "--congestion-control or the kernel's default)")
+                             "--congestion-control or the one the flows ran with)")
     args = parser.parse_args(argv)
     runs = runsFrom(args)
     before = report.machine()
@@ -386,9 +386,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.from_csv:
         rows = readFlows(os.path.join(args.out, f"{NAME}-flows.csv"), ["proxies"])
         measuredWith, measuredOn = report.readPreamble(os.path.join(args.out, f"{NAME}.md"))
+        recorded = measuredOn.get("congestion control", "").split(" ")[0]
         measuredOn["tables rebuilt"] = f"{before['date']} from the flows' CSV: `{command}`"
         for path in write(args.out, rows, measuredWith or command, measuredOn or before,
-                          congestionControl=congestionControl):
+                          congestionControl=args.congestion_control or recorded or congestionControl):
             print(f"wrote {path}")
         return
 

@@ -12,6 +12,11 @@ Each delay is a line C{client -- p1 -- server} of its own (100 Mb/s
 links), with the proxy set up as in Figure 4 (transparent, ESF); the
 direct path is C{client -- server}.  Outputs: C{figure5-flows.csv},
 C{figure5.csv}, C{figure5.md}, C{figure5.png}.
+
+C{--from-csv} rebuilds the CSV of cells, the markdown and the plot from
+C{figure5-flows.csv} in C{--out}, without measuring (the model's column
+anew, with C{--congestion-control} or the congestion control the flows
+ran with).
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from miniproxy.evaluation.common import (
     arguments,
     cells,
     cellStats,
+    readFlows,
     run,
     runsFrom,
     setUpTransparent,
@@ -66,6 +72,7 @@ def measure(
     warmUp: int = WARM_UP,
     gap: float = GAP,
     direct: bool = True,
+    congestionControl: str | None = None,
     log: Callable[[str], None] = lambda line: None,
 ) -> Any:
     """
@@ -74,6 +81,8 @@ def measure(
     @param delays: The one-way delays of the proxy's links, milliseconds.
     @param modes: The proxy's modes to measure.
     @param direct: Whether to measure the direct path too.
+    @param congestionControl: Another congestion control than the
+        kernel's default, in every namespace (to investigate only).
     @return: A L{Deferred} firing with the measured rows, tagged with
         C{delay} (the one-way delay of each link; the direct path's for
         mode C{direct}).
@@ -94,22 +103,25 @@ def measure(
                 f"{len(flows)} flows")
             return bed.runFlows(flows, gap)
 
-        results = yield onBed(reactor, line, where, setUpTransparent, body)
+        results = yield onBed(reactor, line, where, setUpTransparent, body,
+                              congestionControl=congestionControl)
         rows += measured(results)
     return rows
 
 
-def summarise(rows: Sequence[Mapping[str, Any]], rate: int | None = RATE) -> list[dict[str, Any]]:
+def summarise(rows: Sequence[Mapping[str, Any]], rate: int | None = RATE,
+              congestionControl: str = "reno") -> list[dict[str, Any]]:
     """
-    The cells of Figure 5 (see L{cellStats}), with the model: one hop of
-    twice the direct delay, or two hops of twice each link's delay.
+    The cells of Figure 5 (see L{cellStats}), with the model for this
+    congestion control: one hop of twice the direct delay, or two hops of
+    twice each link's delay.
     """
 
     def rtts(cell: Mapping[str, Any]) -> list[float]:
         hops = 1 if cell["mode"] == "direct" else 2
         return [2 * cell["delay"] / 1000] * hops
 
-    return cellStats(rows, ["delay"], rtts, rate)
+    return cellStats(rows, ["delay"], rtts, rate, congestionControl)
 
 
 def markdown(
@@ -117,10 +129,12 @@ def markdown(
     cellList: Sequence[Mapping[str, Any]],
     command: str,
     before: Mapping[str, str],
+    congestionControl: str = "reno",
 ) -> str:
     """
-    The markdown report of Figure 5: each cell against the model, and each
-    delay's TTC against the direct path's.
+    The markdown report of Figure 5: each cell against the model (with
+    this congestion control), and each delay's TTC against the direct
+    path's.
     """
     failures = sum(1 for r in rows if not r["ok"])
     notes = (
@@ -128,7 +142,8 @@ def markdown(
         f"client -- server with {DIRECT_DELAY:g} ms one way; 100 Mb/s links; the proxy as in "
         f"Figure 4. {len(rows)} measured flows, {failures} failed. Medians in ms with [p10, p90]; "
         "'vs direct' is the TTC's change against the direct path's median (negative: the "
-        "proxy helps)."
+        "proxy helps); the model is `miniproxy.model.predict` at the links' rate with the "
+        f"hosts' congestion control (`{congestionControl}`)."
     )
     text = [report.preamble("Figure 5: one proxy with longer links", command, before, notes)]
     direct = {c["size"]: c for c in cellList if c["mode"] == "direct"}
@@ -221,20 +236,22 @@ def plot(cellList: Sequence[Mapping[str, Any]], path: str) -> bool:
     return True
 
 
-def write(out: str, rows: Sequence[Mapping[str, Any]], command: str, before: Mapping[str, str]) -> list[str]:
+def write(out: str, rows: Sequence[Mapping[str, Any]], command: str, before: Mapping[str, str],
+          congestionControl: str = "reno") -> list[str]:
     """
-    Write Figure 5's outputs into directory C{out}.
+    Write Figure 5's outputs into directory C{out}, against the model with
+    the congestion control the flows ran with.
 
     @return: The paths written.
     """
     os.makedirs(out, exist_ok=True)
-    cellList = summarise(rows)
+    cellList = summarise(rows, congestionControl=congestionControl)
     paths = [os.path.join(out, f"{NAME}-flows.csv"), os.path.join(out, f"{NAME}.csv"),
              os.path.join(out, f"{NAME}.md")]
     report.writeCSV(paths[0], rows, ("delay", *FLOW_COLUMNS))
     report.writeCSV(paths[1], cellList, ("delay", *CELL_COLUMNS))
     with open(paths[2], "w") as f:
-        f.write(markdown(rows, cellList, command, before))
+        f.write(markdown(rows, cellList, command, before, congestionControl))
     png = os.path.join(out, f"{NAME}.png")
     if plot(cellList, png):
         paths.append(png)
@@ -250,10 +267,29 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="one-way delays of the proxy's links, ms")
     parser.add_argument("--sizes", default=",".join(map(str, SIZES_KB)), help="flow sizes in KB")
     parser.add_argument("--modes", default="early", help="the proxy's modes: early[,accept]")
+    parser.add_argument("--congestion-control", default=None,
+                        help="set this congestion control in every namespace instead of the "
+                             "kernel's default (to investigate; not for the figure; a namespace may only set those in net.ipv4.tcp_allowed_congestion_control)")
+    parser.add_argument("--from-csv", action="store_true",
+                        help="measure nothing: rebuild the cells' CSV, the markdown and the plot in "
+                             "--out from its figure5-flows.csv (the model anew, with "
+                             "--congestion-control or the one the flows ran with)")
     args = parser.parse_args(argv)
     runs = runsFrom(args)
     before = report.machine()
+    congestionControl = args.congestion_control or before["congestion control"]
+    if args.congestion_control:
+        before["congestion control"] = f"{args.congestion_control} (set in every namespace)"
     command = report.commandLine(argv)
+    if args.from_csv:
+        rows = readFlows(os.path.join(args.out, f"{NAME}-flows.csv"), {"delay": float})
+        measuredWith, measuredOn = report.readPreamble(os.path.join(args.out, f"{NAME}.md"))
+        recorded = measuredOn.get("congestion control", "").split(" ")[0]
+        measuredOn["tables rebuilt"] = f"{before['date']} from the flows' CSV: `{command}`"
+        for path in write(args.out, rows, measuredWith or command, measuredOn or before,
+                          congestionControl=args.congestion_control or recorded or congestionControl):
+            print(f"wrote {path}")
+        return
 
     @inlineCallbacks
     def experiment(reactor: Any) -> Any:
@@ -263,11 +299,12 @@ def main(argv: Sequence[str] | None = None) -> None:
                 reactor, directory,
                 delays=[float(d) for d in args.delays.split(",")],
                 sizes=[int(float(s) * KB) for s in args.sizes.split(",")],
-                modes=args.modes.split(","), runs=runs, gap=args.gap, log=print,
+                modes=args.modes.split(","), runs=runs, gap=args.gap,
+                congestionControl=args.congestion_control, log=print,
             )
         finally:
             removeWorkDirectory(directory, args.keep)
-        for path in write(args.out, rows, command, before):
+        for path in write(args.out, rows, command, before, congestionControl=congestionControl):
             print(f"wrote {path}")
 
     run(experiment, args, before)

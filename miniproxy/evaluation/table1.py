@@ -26,7 +26,8 @@ byte (C{connect()} to the answer's first byte: the handshake, the proxy's
 accept and its connection to the server, the request and the answer).
 
 Outputs: C{table1-flows.csv}, C{table1.csv}, C{table1.md},
-C{table1.png}.
+C{table1.png}.  C{--from-csv} rebuilds the last three from
+C{table1-flows.csv} in C{--out}, without measuring.
 """
 
 from __future__ import annotations
@@ -37,7 +38,14 @@ from typing import Any, Callable, Mapping, Sequence
 from twisted.internet.defer import inlineCallbacks
 
 from miniproxy.evaluation import report
-from miniproxy.evaluation.common import arguments, run, runsFrom, setUpTransparent
+from miniproxy.evaluation.common import (
+    arguments,
+    readBool,
+    readRows,
+    run,
+    runsFrom,
+    setUpTransparent,
+)
 from miniproxy.evaluation.runner import (
     ACCEPT_PORT,
     DIRECT_PORT,
@@ -324,10 +332,22 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = arguments("python -m miniproxy.evaluation.table1", "The paper's Table 1.", RUNS, gap=False)
     parser.add_argument("--levels", default=",".join(map(str, LEVELS)),
                         help="simultaneous connection attempts")
+    parser.add_argument("--from-csv", action="store_true",
+                        help="measure nothing: rebuild the summary's CSV, the markdown and the plot "
+                             "in --out from its table1-flows.csv")
     args = parser.parse_args(argv)
     runs = runsFrom(args, RUNS, QUICK_RUNS)
     before = report.machine()
     command = report.commandLine(argv)
+    if args.from_csv:
+        rows = readRows(os.path.join(args.out, f"{NAME}-flows.csv"),
+                        {"level": int, "path": str, "run": int, "index": int, "ok": readBool,
+                         "error": str})
+        measuredWith, measuredOn = report.readPreamble(os.path.join(args.out, f"{NAME}.md"))
+        measuredOn["tables rebuilt"] = f"{before['date']} from the flows' CSV: `{command}`"
+        for path in write(args.out, rows, measuredWith or command, measuredOn or before):
+            print(f"wrote {path}")
+        return
 
     @inlineCallbacks
     def experiment(reactor: Any) -> Any:
