@@ -247,6 +247,48 @@ class SpliceTestCase(unittest.TestCase):
         flow = yield splicingFlow(proxy)
         return client, server, flow
 
+    @defer.inlineCallbacks
+    def bothWaysAtOnce(self, proxy: Any, client: Peer, server: Peer, up: bytes,
+                       down: bytes) -> Any:
+        """
+        The client writes C{up} and a FIN, the server C{down} and a FIN, at
+        once; each gets the other's bytes exactly, then its FIN, and the
+        flow ends with neither side reset.
+
+        @return: The flow, closed.
+        """
+        client.transport.write(up)
+        client.transport.loseWriteConnection()
+        server.transport.write(down)
+        server.transport.loseWriteConnection()
+        yield withTimeout(
+            defer.gatherResults([client.lost, server.lost]), 30, "both ends to close"
+        )
+        closed = yield proxy.nextClosed()
+        self.assertEqual((server.size, server.digest.hexdigest()), (len(up), sha256(up)))
+        self.assertEqual((client.size, client.digest.hexdigest()),
+                         (len(down), sha256(down)))
+        self.assertTrue(client.eofBeforeLost and server.eofBeforeLost)
+        self.assertFalse(client.wasReset() or server.wasReset())
+        self.assertEqual(closed.outcome, Outcome.OK)
+        return closed
+
+    @defer.inlineCallbacks
+    def readAllAndClose(self, proxy: Any, reader: Peer, writer: Peer, data: bytes) -> Any:
+        """
+        A paused C{reader} reads again and C{writer} sends its FIN; once the
+        reader has read to the end, it closes.  The reader got C{data},
+        exactly.
+        """
+        reader.transport.resumeProducing()
+        writer.transport.loseWriteConnection()
+        yield withTimeout(reader.eof, 30, "the reader to read everything")
+        reader.transport.loseConnection()
+        yield withTimeout(writer.lost, 10, "the writer to close")
+        yield proxy.nextClosed()
+        self.assertEqual((reader.size, reader.digest.hexdigest()),
+                         (len(data), sha256(data)))
+
 
 class RelayTests(SpliceTestCase):
     """
@@ -270,22 +312,8 @@ class RelayTests(SpliceTestCase):
         )
         up = os.urandom(6 * MiB + 123)
         down = os.urandom(5 * MiB + 77)
-        client.transport.write(up)
-        client.transport.loseWriteConnection()
-        server.transport.write(down)
-        server.transport.loseWriteConnection()
-        yield withTimeout(
-            defer.gatherResults([client.lost, server.lost]), 30, "both ends to close"
-        )
-        closed = yield proxy.nextClosed()
-
+        closed = yield self.bothWaysAtOnce(proxy, client, server, up, down)
         self.assertIs(closed, flow)
-        self.assertEqual((server.size, server.digest.hexdigest()), (len(up), sha256(up)))
-        self.assertEqual((client.size, client.digest.hexdigest()),
-                         (len(down), sha256(down)))
-        self.assertTrue(client.eofBeforeLost and server.eofBeforeLost)
-        self.assertFalse(client.wasReset() or server.wasReset())
-        self.assertEqual(flow.outcome, Outcome.OK)
         self.assertEqual((flow.bytesFromClient, flow.bytesFromServer), (len(up), len(down)))
         relay = flow._splice
         self.assertEqual((relay.toServer.spliced, relay.toClient.spliced),
@@ -584,14 +612,7 @@ class BackpressureTests(SpliceTestCase):
             flow, flow._splice.toServer, flow._accepted, flow._outgoing, client
         )
         self.assertLess(flow.bytesFromClient, len(data))
-        server.transport.resumeProducing()
-        client.transport.loseWriteConnection()
-        yield withTimeout(server.eof, 30, "the server to read everything")
-        server.transport.loseConnection()
-        yield withTimeout(client.lost, 10, "the client to close")
-        yield proxy.nextClosed()
-        self.assertEqual((server.size, server.digest.hexdigest()),
-                         (len(data), sha256(data)))
+        yield self.readAllAndClose(proxy, server, client, data)
         self.assertEqual(flow.outcome, Outcome.OK)
         self.assertEqual(flow._splice.toServer.spliced, len(data))
 
@@ -611,14 +632,7 @@ class BackpressureTests(SpliceTestCase):
         yield self.assertBounded(
             flow, flow._splice.toClient, flow._outgoing, flow._accepted, server
         )
-        client.transport.resumeProducing()
-        server.transport.loseWriteConnection()
-        yield withTimeout(client.eof, 30, "the client to read everything")
-        client.transport.loseConnection()
-        yield withTimeout(server.lost, 10, "the server to close")
-        yield proxy.nextClosed()
-        self.assertEqual((client.size, client.digest.hexdigest()),
-                         (len(data), sha256(data)))
+        yield self.readAllAndClose(proxy, client, server, data)
         self.assertEqual(flow._splice.toClient.spliced, len(data))
 
 
@@ -1181,19 +1195,8 @@ class LazyTests(SpliceTestCase):
         flow = yield pairedFlow(proxy)
         before = pipes()
         up, down = pattern(4 * MiB + 11, 3), pattern(6 * MiB + 5, 4)
-        client.transport.write(up)
-        client.transport.loseWriteConnection()
-        server.transport.write(down)
-        server.transport.loseWriteConnection()
-        yield withTimeout(
-            defer.gatherResults([client.lost, server.lost]), 30, "both ends to close"
-        )
-        yield proxy.nextClosed()
-        self.assertEqual((server.size, server.digest.hexdigest()), (len(up), sha256(up)))
-        self.assertEqual((client.size, client.digest.hexdigest()),
-                         (len(down), sha256(down)))
-        self.assertTrue(client.eofBeforeLost and server.eofBeforeLost)
-        self.assertEqual(flow.outcome, Outcome.OK)
+        closed = yield self.bothWaysAtOnce(proxy, client, server, up, down)
+        self.assertIs(closed, flow)
         relay = flow._splice
         for direction, stream in ((relay.toServer, up), (relay.toClient, down)):
             self.assertGreater(direction.spliced, len(stream) // 2)
@@ -1233,14 +1236,7 @@ class LazyTests(SpliceTestCase):
         held = buffered(sink.transport) + (pipeHolds(direction) if direction._pipe else 0)
         self.assertGreater(held, 0)
         self.assertLessEqual(held, self.maxBuffer)
-        client.transport.resumeProducing()
-        server.transport.loseWriteConnection()
-        yield withTimeout(client.eof, 30, "the client to read everything")
-        client.transport.loseConnection()
-        yield withTimeout(server.lost, 10, "the server to close")
-        yield proxy.nextClosed()
-        self.assertEqual((client.size, client.digest.hexdigest()),
-                         (len(data), sha256(data)))
+        yield self.readAllAndClose(proxy, client, server, data)
         self.assertGreater(direction.spliced, 0)
 
     @defer.inlineCallbacks
