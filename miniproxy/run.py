@@ -16,10 +16,11 @@ What it does, in order:
     TCP transports and its reactor then come up without pyOpenSSL,
     C{cryptography}, C{service_identity} and Twisted's TLS modules, about a
     third of the reactor's import time.
- 3. It binds the listeners, then starts the reactor (which installs its
-    signal handlers); once it runs, the log observer is set up and the
-    listeners accept.  C{SIGTERM} and C{SIGINT} stop the service (its
-    listeners, then the open flows) and the process exits with status 0.
+ 3. It sets up the log (standard error, or C{--logfile}), makes the
+    service, binds its listeners, then starts the reactor, which installs
+    its signal handlers; once it runs, the listeners accept.  C{SIGTERM}
+    and C{SIGINT} stop the service (its listeners, then the open flows)
+    and the process exits with status 0.
 
 Nothing that the first flow does not need is imported before the
 listeners are up: the function discovery (the plugin scan) runs only when
@@ -343,6 +344,9 @@ def main(argv: Sequence[str] | None = None, stderr: IO[str] | None = None) -> in
             log = open(options["logfile"], "a", encoding="utf-8") if options["logfile"] else stderr
         except OSError as e:
             raise SystemExit(f"{PROGRAM}: cannot open the log file: {e}") from None
+        # Before the service is made, so that what it logs on a failed
+        # start is not lost (it costs well under a millisecond).
+        beginLogging(log)
         from miniproxy.tap import makeService
 
         service = makeService(options, reactor)
@@ -352,16 +356,9 @@ def main(argv: Sequence[str] | None = None, stderr: IO[str] | None = None) -> in
         if isinstance(e.code, str):
             stderr.write(f"{e.code}\n")
             return 1
-        return e.code or 0
+        return e.code if isinstance(e.code, int) else 0
 
-    def started() -> None:
-        # Logging begins before the listeners start, not after: Twisted
-        # replays the events it kept to every observer, so an observer a
-        # function added would see the early ones twice.
-        beginLogging(log)
-        service.startService()
-
-    reactor.callWhenRunning(started)
+    reactor.callWhenRunning(service.startService)
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
     reactor.run()
     return 0
