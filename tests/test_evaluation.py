@@ -292,6 +292,82 @@ def modelRows(proxies: int, mode: str, size: int, excess: float, runs: int = 5) 
     ]
 
 
+class CommandLineTests(unittest.TestCase):
+    """
+    The command line the experiments share, and the lines and outputs of
+    their measurements.
+    """
+
+    def test_runs(self) -> None:
+        """
+        The flows per cell are C{--runs}, else the experiment's default, or
+        its quick one with C{--quick}.
+        """
+        parser = common.arguments("p", "d", "x.csv", runs=10, quick=2, gap=False)
+        self.assertEqual(common.runsFrom(parser.parse_args([])), 10)
+        self.assertEqual(common.runsFrom(parser.parse_args(["--quick"])), 2)
+        self.assertEqual(common.runsFrom(parser.parse_args(["--quick", "--runs", "4"])), 4)
+        self.assertFalse(hasattr(parser.parse_args([]), "gap"))
+
+    def test_options(self) -> None:
+        """
+        C{--proxies} and C{--sizes} (KB) are read into numbers; an
+        experiment with a model takes C{--congestion-control}, and every
+        one C{--from-csv}.
+        """
+        parser = common.arguments("p", "d", "x.csv", proxies=True, sizes=True, congestionControl=True)
+        args = parser.parse_args(["--proxies", "0,2", "--sizes", "10,2.5", "--congestion-control", "reno"])
+        self.assertEqual(common.proxyCountsFrom(args), [0, 2])
+        self.assertEqual(common.sizesFrom(args), [10_000, 2_500])
+        self.assertEqual((args.congestion_control, args.from_csv), ("reno", False))
+        defaults = parser.parse_args([])
+        self.assertEqual(common.proxyCountsFrom(defaults), list(common.PROXIES))
+        self.assertEqual(common.sizesFrom(defaults), [s * common.KB for s in common.SIZES_KB])
+        plain = common.arguments("p", "d", "x.csv").parse_args(["--from-csv"])
+        self.assertTrue(plain.from_csv)
+        self.assertFalse(hasattr(plain, "congestion_control"))
+
+    def test_evenLines(self) -> None:
+        """
+        Figure 4's lines split the round trip evenly, each in its own
+        directory and tagged with its number of proxies.
+        """
+        lines = common.evenLines("figure4", [0, 2], figure4.modesFor, 100.0, common.RATE)
+        self.assertEqual([(line.name, line.tag, list(line.modes), line.seed) for line in lines],
+                         [("proxies0", {"proxies": 0}, ["direct"], 0),
+                          ("proxies2", {"proxies": 2}, ["early", "accept"], 2)])
+        self.assertEqual([spec.directions[0].delay for spec in lines[1].topology.specs],
+                         [100.0 / 6] * 3)
+
+    def test_writeOutputs(self) -> None:
+        """
+        L{report.writeOutputs} writes the CSV files, the markdown and the
+        plot if one is drawn, and returns their paths in that order.
+        """
+        out = self.mktemp()
+        drawn: list[str] = []
+
+        def plot(path: str) -> bool:
+            drawn.append(path)
+            return False
+
+        paths = report.writeOutputs(out, "x", [("-flows", [{"a": 1.5}], ("a",)), ("", [], ("b",))],
+                                    "# x\n", plot)
+        self.assertEqual([os.path.basename(p) for p in paths], ["x-flows.csv", "x.csv", "x.md"])
+        self.assertEqual(drawn, [os.path.join(out, "x.png")])
+        self.assertEqual(readText(paths[0]).splitlines(), ["a", "1.5000"])
+        self.assertEqual(readText(paths[2]), "# x\n")
+
+    def test_spread(self) -> None:
+        """
+        The error bars go from each median down to its p10 and up to its
+        p90.
+        """
+        cells = [{"ttcMedian": 10.0, "ttcP10": 8.0, "ttcP90": 13.0},
+                 {"ttcMedian": 20.0, "ttcP10": 20.0, "ttcP90": 21.0}]
+        self.assertEqual(report.spread(cells), [[2.0, 0.0], [3.0, 1.0]])
+
+
 class Figure4ReportTests(unittest.TestCase):
     """
     Figure 4's cells, reductions and outputs from given rows.
@@ -490,6 +566,33 @@ class FromCSVTests(unittest.TestCase):
         figure4.main(["--from-csv", "--out", self.out])
         self.assertIn("congestion control (`reno`)", readText(os.path.join(self.out, "figure4.md")))
         self.assertAlmostEqual(self.cell("figure4.csv")["ttcDev"], 0, places=3)
+
+    def test_withoutMarkdown(self) -> None:
+        """
+        Without the measurement's markdown, the rebuilt one names this
+        command and this machine, and says it was rebuilt.
+        """
+        rows = modelRows(1, "early", 10_000, 0)
+        figure4.write(self.out, rows, "python -m miniproxy.evaluation.figure4", self.machine())
+        os.remove(os.path.join(self.out, "figure4.md"))
+        figure4.main(["--from-csv", "--out", self.out])
+        command, info = report.readPreamble(os.path.join(self.out, "figure4.md"))
+        self.assertIn("--from-csv", command)
+        self.assertEqual(info["nproc"], str(os.cpu_count()))
+        self.assertIn(command, info["tables rebuilt"])
+
+    def test_measuredOptions(self) -> None:
+        """
+        L{common.measuredOptions} reads a recorded command with the
+        experiment's parser, options it does not know aside; not a command
+        of another shape.
+        """
+        parser = common.arguments("p", "d", "x.csv", proxies=True)
+        options = common.measuredOptions(
+            parser, "python -m miniproxy.evaluation.figure4 --proxies 1,3 --runs 5 --unknown")
+        assert options is not None
+        self.assertEqual((common.proxyCountsFrom(options), common.runsFrom(options)), ([1, 3], 5))
+        self.assertIsNone(common.measuredOptions(parser, "twistd -n miniproxy"))
 
     def test_table1(self) -> None:
         """

@@ -42,6 +42,7 @@ without measuring.
 
 from __future__ import annotations
 
+import argparse
 import os
 from typing import Any, Callable, Mapping, Sequence
 
@@ -51,27 +52,28 @@ from miniproxy.evaluation import report
 from miniproxy.evaluation.common import (
     GAP,
     KB,
+    MODEL_MODES,
+    PROXIES,
     RATE,
     arguments,
+    cells,
+    proxyCountsFrom,
     readRows,
-    run,
+    runExperiment,
     runsFrom,
     setUpTransparent,
 )
-from miniproxy.evaluation.figure4 import PROXIES, RTT, modesFor
+from miniproxy.evaluation.fastopen import setUpChain
+from miniproxy.evaluation.figure4 import RTT, modesFor
 from miniproxy.evaluation.packets import WireFlow, connections, inOrder
 from miniproxy.evaluation.runner import (
     ACCEPT_PORT,
+    CHAIN_LISTENER,
     EARLY_PORT,
     Bed,
     interleave,
     onBed,
-    removeWorkDirectory,
-    workDirectory,
 )
-from miniproxy.evaluation.common import MODEL_MODES, cells
-from miniproxy.evaluation.fastopen import setUpChain
-from miniproxy.evaluation.runner import CHAIN_LISTENER
 from miniproxy.model import evenRTTs, ttfb
 from miniproxy.testbed.topology import CLIENT_SIDE, SERVER_SIDE, LineTopology
 
@@ -81,6 +83,8 @@ WARM_UP = 2
 #: The flows' size, bytes.
 SIZE = 10 * KB
 NAME = "breakdown"
+#: The file of its flows' parts, which C{--from-csv} reads.
+FLOWS = f"{NAME}.csv"
 PORTS = {"direct": EARLY_PORT, "early": EARLY_PORT, "accept": ACCEPT_PORT, "tfo": EARLY_PORT}
 _ORDER = {"direct": 0, "early": 1, "accept": 2, "tfo": 3}
 
@@ -363,15 +367,11 @@ def write(out: str, rows: Sequence[Mapping[str, Any]], command: str, before: Map
 
     @return: The paths written.
     """
-    os.makedirs(out, exist_ok=True)
     columns = list(COLUMNS_FIRST)
     for r in rows:
         columns += [k for k in r if k not in columns]
-    paths = [os.path.join(out, f"{NAME}.csv"), os.path.join(out, f"{NAME}.md")]
-    report.writeCSV(paths[0], rows, columns)
-    with open(paths[1], "w") as f:
-        f.write(markdown(summarise(rows), command, before))
-    return paths
+    return report.writeOutputs(out, NAME, [("", rows, columns)],
+                               markdown(summarise(rows), command, before))
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -379,39 +379,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     C{python -m miniproxy.evaluation.breakdown}; C{--help} says more.
     """
     parser = arguments("python -m miniproxy.evaluation.breakdown",
-                       "Figure 4's TTFB taken apart with packet captures.", RUNS)
-    parser.add_argument("--proxies", default=",".join(map(str, PROXIES)),
-                        help="numbers of proxies (0,1,2,3)")
+                       "Figure 4's TTFB taken apart with packet captures.", FLOWS, RUNS,
+                       quick=QUICK_RUNS, proxies=True)
     parser.add_argument("--size", type=float, default=SIZE / KB, help="flow size in KB (10)")
     parser.add_argument("--no-fast-open", action="store_true", help="skip the Fast Open chains")
-    parser.add_argument("--from-csv", action="store_true",
-                        help="measure nothing: rebuild the markdown in --out from its breakdown.csv")
-    args = parser.parse_args(argv)
-    runs = runsFrom(args, RUNS, QUICK_RUNS)
-    before = report.machine()
-    command = report.commandLine(argv)
-    if args.from_csv:
-        rows = readRows(os.path.join(args.out, f"{NAME}.csv"), {"proxies": int, "mode": str, "run": int})
-        measuredWith, measuredOn = report.readPreamble(os.path.join(args.out, f"{NAME}.md"))
-        measuredOn["tables rebuilt"] = f"{before['date']} from the flows' CSV: `{command}`"
-        for path in write(args.out, rows, measuredWith or command, measuredOn or before):
-            print(f"wrote {path}")
-        return
 
-    @inlineCallbacks
-    def experiment(reactor: Any) -> Any:
-        directory = workDirectory(args.keep)
-        try:
-            rows = yield measure(reactor, directory,
-                                 proxyCounts=[int(p) for p in args.proxies.split(",")],
-                                 runs=runs, gap=args.gap, size=int(args.size * KB),
-                                 fastOpen=not args.no_fast_open, log=print)
-        finally:
-            removeWorkDirectory(directory, args.keep)
-        for path in write(args.out, rows, command, before):
-            print(f"wrote {path}")
+    def measureAll(reactor: Any, directory: str, args: argparse.Namespace) -> Any:
+        return measure(reactor, directory, proxyCounts=proxyCountsFrom(args), runs=runsFrom(args),
+                       gap=args.gap, size=int(args.size * KB), fastOpen=not args.no_fast_open,
+                       log=print)
 
-    run(experiment, args, before)
+    runExperiment(argv, parser, NAME, FLOWS,
+                  lambda path: readRows(path, {"proxies": int, "mode": str, "run": int}),
+                  measureAll, write)
 
 
 if __name__ == "__main__":

@@ -45,29 +45,28 @@ measured them).
 
 from __future__ import annotations
 
+import argparse
 import csv
 import math
 import os
-import shlex
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
-from twisted.internet.defer import inlineCallbacks
+from twisted.internet.defer import Deferred
 
-from miniproxy.evaluation import report
+from miniproxy.evaluation import figure4, report
 from miniproxy.evaluation.common import (
     CELL_COLUMNS,
     FLOW_COLUMNS,
     KB,
+    MODEL_HEADERS,
     RATE,
-    GAP,
-    RUNS,
-    SIZES_KB,
     arguments,
-    cells,
-    cellStats,
+    modelColumns,
+    proxyCountsFrom,
     readFlows,
-    run,
+    runExperiment,
     runsFrom,
+    sizesFrom,
 )
 from miniproxy.evaluation.runner import (
     CHAIN_LISTENER,
@@ -76,19 +75,13 @@ from miniproxy.evaluation.runner import (
     Bed,
     Listener,
     Rule,
-    interleave,
-    measured,
-    onBed,
     proxyConfig,
-    removeWorkDirectory,
-    workDirectory,
 )
 from miniproxy.model import Mode, congestionControlNamed, evenRTTs, predict
-from miniproxy.testbed.topology import CLIENT_SIDE, LineTopology
+from miniproxy.testbed.topology import CLIENT_SIDE
 
 #: The end-to-end round trip, in milliseconds.
-RTT = 100.0
-PROXIES = (0, 1, 2, 3)
+RTT = figure4.RTT
 #: Warm-up flows per cell: the first fetches the cookies.
 WARM_UP = 3
 #: The proxies' connect mode.
@@ -96,6 +89,8 @@ MODE = "first-data"
 #: The addresses trusted to carry a destination.
 TRUSTED = "10.0.0.0/8"
 NAME = "fastopen"
+#: The file of its flows, which C{--from-csv} reads.
+FLOWS = f"{NAME}-flows.csv"
 
 
 def nextHop(bed: Bed, index: int, proxies: int) -> str:
@@ -136,59 +131,37 @@ def setUpChain(bed: Bed, mode: str = MODE) -> None:
             bed.startProxy(node, proxyConfig([listener], [rule]), [CHAIN_LISTENER], tap)
 
 
-@inlineCallbacks
 def measure(
-    reactor: Any,
-    directory: str,
-    proxyCounts: Sequence[int] = PROXIES,
-    sizes: Sequence[int] = tuple(s * KB for s in SIZES_KB),
-    runs: int = RUNS,
-    rtt: float = RTT,
-    rate: int | None = RATE,
-    mode: str = MODE,
-    warmUp: int = WARM_UP,
-    gap: float = GAP,
-    congestionControl: str | None = None,
-    log: Callable[[str], None] = lambda line: None,
-) -> Any:
+    reactor: Any, directory: str, mode: str = MODE, warmUp: int = WARM_UP, **options: Any
+) -> Deferred[list[dict[str, Any]]]:
     """
-    Run the Fast Open flows: one line per number of proxies.
+    Run the Fast Open flows on the lines of Figure 4 (L{figure4.measure}),
+    with Fast Open in every namespace and the chain of proxies of
+    L{setUpChain}.
 
-    @param congestionControl: Another congestion control than the
-        kernel's default, in every namespace (to investigate only).
-
+    @param mode: The proxies' connect mode.
+    @param warmUp: Flows per cell before those measured: the first fetch
+        the cookies.
+    @param options: L{figure4.measure}'s: C{proxyCounts}, C{sizes},
+        C{runs}, C{rtt}, C{rate}, C{gap}, C{congestionControl}, C{log}.
     @return: A L{Deferred} firing with the measured rows, tagged with
         C{proxies} and mode C{tfo}.
     """
-    rows: list[dict[str, Any]] = []
-    for proxies in proxyCounts:
-        line = LineTopology(proxies=proxies, rtt=rtt, rate=rate, ipv6=False)
-        where = os.path.join(directory, f"proxies{proxies}")
-        os.makedirs(where, exist_ok=True)
 
-        def body(bed: Any, proxies: int = proxies) -> Any:
-            plan = cells(bed.line.serverAddress, ["tfo"], sizes, proxies=proxies)
-            flows = interleave(plan, runs, warmUp, seed=proxies)
-            log(f"{NAME}: {proxies} proxies: {len(flows)} flows")
-            return bed.runFlows(flows, gap)
+    def setUp(bed: Bed) -> None:
+        setUpChain(bed, mode)
 
-        def setUp(bed: Bed) -> None:
-            setUpChain(bed, mode)
-
-        results = yield onBed(reactor, line, where, setUp, body, fastOpen=True,
-                              congestionControl=congestionControl)
-        rows += measured(results)
-    return rows
+    return figure4.measure(reactor, directory, warmUp=warmUp, modes=lambda proxies: ["tfo"],
+                           setUp=setUp, fastOpen=True, name=NAME, **options)
 
 
 def summarise(rows: Sequence[Mapping[str, Any]], rtt: float = RTT, rate: int | None = RATE,
               congestionControl: str = "reno") -> list[dict[str, Any]]:
     """
     The cells (see L{cellStats}) against L{Mode.TFO_ALL} with this
-    congestion control.
+    congestion control: those of Figure 4's line (L{figure4.summarise}).
     """
-    return cellStats(rows, ["proxies"], lambda c: evenRTTs(rtt / 1000, c["proxies"]), rate,
-                     congestionControl)
+    return figure4.summarise(rows, rtt, rate, congestionControl)
 
 
 def figure4Medians(out: str) -> dict[tuple[int, str, float], tuple[float, float]]:
@@ -267,18 +240,8 @@ def markdown(
     ))
     text.append("\n## Every cell against the model\n")
     text.append(report.markdownTable(
-        ["proxies", "KB", "TTFB [p10, p90]", "model", "dev", "TTC [p10, p90]", "model", "dev", "failed"],
-        [
-            (
-                c["proxies"], f"{c['sizeKB']:g}",
-                f"{report.ms(c['ttfbMedian'])} [{report.ms(c['ttfbP10'])}, {report.ms(c['ttfbP90'])}]",
-                report.ms(c["ttfbModel"]), report.pct(c["ttfbDev"]),
-                f"{report.ms(c['ttcMedian'])} [{report.ms(c['ttcP10'])}, {report.ms(c['ttcP90'])}]",
-                report.ms(c["ttcModel"]), report.pct(c["ttcDev"]),
-                f"{c['failures']}/{c['runs']}",
-            )
-            for c in cellList
-        ],
+        ["proxies", "KB", *MODEL_HEADERS],
+        [(c["proxies"], f"{c['sizeKB']:g}", *modelColumns(c)) for c in cellList],
     ))
     return "\n".join(text)
 
@@ -302,8 +265,7 @@ def plot(cellList: Sequence[Mapping[str, Any]], esf: Mapping[tuple[int, str, flo
         colour = colours.get(proxies)
         name = "no proxy" if proxies == 0 else f"{proxies} {'proxy' if proxies == 1 else 'proxies'}"
         axes.errorbar(
-            x, [c["ttcMedian"] for c in line],
-            yerr=[[c["ttcMedian"] - c["ttcP10"] for c in line], [c["ttcP90"] - c["ttcMedian"] for c in line]],
+            x, [c["ttcMedian"] for c in line], yerr=report.spread(line),
             marker="o", markersize=4, capsize=2, color=colour, label=f"{name}, Fast Open everywhere",
         )
         axes.plot(x, [c["ttcModel"] for c in line], linestyle=":", color=colour, linewidth=1)
@@ -312,15 +274,8 @@ def plot(cellList: Sequence[Mapping[str, Any]], esf: Mapping[tuple[int, str, flo
         if points:
             axes.plot([p[0] for p in points], [p[1] for p in points], linestyle="--", marker="s",
                       markersize=3, color=colour, alpha=0.6, label=f"{name}, ESF (Figure 4)")
-    sizes = sorted({c["sizeKB"] for c in cellList})
-    axes.set_xscale("log")
-    axes.minorticks_off()
-    axes.set_xticks(sizes)
-    axes.set_xticklabels([f"{s:g}" for s in sizes])
-    axes.set_xlabel("flow size (KB)")
-    axes.set_ylabel("time to complete (ms)")
-    axes.set_title("Fast Open on every hop (median, p10–p90; dotted: model)")
-    axes.grid(True, alpha=0.3)
+    report.sizeAxes(axes, [c["sizeKB"] for c in cellList],
+                    "Fast Open on every hop (median, p10–p90; dotted: model)")
     axes.legend(fontsize=7)
     report.savePlot(figure, path)
     return True
@@ -334,74 +289,31 @@ def write(out: str, rows: Sequence[Mapping[str, Any]], command: str, before: Map
 
     @return: The paths written.
     """
-    os.makedirs(out, exist_ok=True)
     cellList = summarise(rows, congestionControl=congestionControl)
     esf = figure4Medians(out)
-    paths = [os.path.join(out, f"{NAME}-flows.csv"), os.path.join(out, f"{NAME}.csv"),
-             os.path.join(out, f"{NAME}.md")]
-    report.writeCSV(paths[0], rows, ("proxies", *FLOW_COLUMNS))
-    report.writeCSV(paths[1], cellList, ("proxies", *CELL_COLUMNS))
-    with open(paths[2], "w") as f:
-        f.write(markdown(rows, cellList, command, before, esf, mode,
-                         congestionControl=congestionControl))
-    png = os.path.join(out, f"{NAME}.png")
-    if plot(cellList, esf, png):
-        paths.append(png)
-    return paths
+    return report.writeOutputs(
+        out, NAME,
+        [("-flows", rows, ("proxies", *FLOW_COLUMNS)), ("", cellList, ("proxies", *CELL_COLUMNS))],
+        markdown(rows, cellList, command, before, esf, mode, congestionControl=congestionControl),
+        lambda path: plot(cellList, esf, path),
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     """
     C{python -m miniproxy.evaluation.fastopen}; C{--help} says more.
     """
-    parser = arguments("python -m miniproxy.evaluation.fastopen", "Fast Open on every hop.")
-    parser.add_argument("--proxies", default=",".join(map(str, PROXIES)),
-                        help="numbers of proxies (0,1,2,3)")
-    parser.add_argument("--sizes", default=",".join(map(str, SIZES_KB)), help="flow sizes in KB")
+    parser = arguments("python -m miniproxy.evaluation.fastopen", "Fast Open on every hop.", FLOWS,
+                       proxies=True, sizes=True, congestionControl=True)
     parser.add_argument("--mode", default=MODE, help="the proxies' connect mode (first-data)")
-    parser.add_argument("--congestion-control", default=None,
-                        help="set this congestion control in every namespace instead of the "
-                             "kernel's default (to investigate; not for the figure; a namespace may only set those in net.ipv4.tcp_allowed_congestion_control)")
-    parser.add_argument("--from-csv", action="store_true",
-                        help="measure nothing: rebuild the cells' CSV, the markdown and the plot in "
-                             "--out from its fastopen-flows.csv (the model anew, with "
-                             "--congestion-control or the one the flows ran with)")
-    args = parser.parse_args(argv)
-    runs = runsFrom(args)
-    before = report.machine()
-    congestionControl = args.congestion_control or before["congestion control"]
-    if args.congestion_control:
-        before["congestion control"] = f"{args.congestion_control} (set in every namespace)"
-    command = report.commandLine(argv)
-    if args.from_csv:
-        rows = readFlows(os.path.join(args.out, f"{NAME}-flows.csv"), ["proxies"])
-        measuredWith, measuredOn = report.readPreamble(os.path.join(args.out, f"{NAME}.md"))
-        recorded = measuredOn.get("congestion control", "").split(" ")[0]
-        measuredOn["tables rebuilt"] = f"{before['date']} from the flows' CSV: `{command}`"
-        mode = parser.parse_known_args(shlex.split(measuredWith)[3:])[0].mode if measuredWith else args.mode
-        for path in write(args.out, rows, measuredWith or command, measuredOn or before, mode,
-                          congestionControl=args.congestion_control or recorded or congestionControl):
-            print(f"wrote {path}")
-        return
 
-    @inlineCallbacks
-    def experiment(reactor: Any) -> Any:
-        directory = workDirectory(args.keep)
-        try:
-            rows = yield measure(
-                reactor, directory,
-                proxyCounts=[int(p) for p in args.proxies.split(",")],
-                sizes=[int(float(s) * KB) for s in args.sizes.split(",")],
-                runs=runs, gap=args.gap, mode=args.mode,
-                congestionControl=args.congestion_control, log=print,
-            )
-        finally:
-            removeWorkDirectory(directory, args.keep)
-        for path in write(args.out, rows, command, before, args.mode,
-                          congestionControl=congestionControl):
-            print(f"wrote {path}")
+    def measureAll(reactor: Any, directory: str, args: argparse.Namespace) -> Deferred[Any]:
+        return measure(reactor, directory, proxyCounts=proxyCountsFrom(args), sizes=sizesFrom(args),
+                       runs=runsFrom(args), gap=args.gap, mode=args.mode,
+                       congestionControl=args.congestion_control, log=print)
 
-    run(experiment, args, before)
+    runExperiment(argv, parser, NAME, FLOWS, lambda path: readFlows(path, ["proxies"]),
+                  measureAll, write, lambda options: {"mode": options.mode})
 
 
 if __name__ == "__main__":

@@ -29,45 +29,45 @@ ran with, as the markdown recorded it).
 
 from __future__ import annotations
 
+import argparse
 import math
-import os
 from typing import Any, Callable, Mapping, Sequence
 
-from twisted.internet.defer import inlineCallbacks
+from twisted.internet.defer import Deferred
 
 from miniproxy.evaluation import report
 from miniproxy.evaluation.common import (
     CELL_COLUMNS,
     FLOW_COLUMNS,
     KB,
+    MODEL_HEADERS,
+    PROXIES,
     RATE,
     GAP,
     RUNS,
     SIZES_KB,
     WARM_UP,
     arguments,
-    cells,
     cellStats,
+    evenLines,
+    measureLines,
+    modelColumns,
+    proxyCountsFrom,
     readFlows,
-    run,
+    runExperiment,
     runsFrom,
     setUpTransparent,
+    sizesFrom,
+    withinModel,
 )
-from miniproxy.evaluation.runner import (
-    interleave,
-    measured,
-    onBed,
-    removeWorkDirectory,
-    workDirectory,
-)
+from miniproxy.evaluation.runner import Bed
 from miniproxy.model import evenRTTs
-from miniproxy.testbed.topology import LineTopology
 
 #: The end-to-end round trip, in milliseconds.
 RTT = 100.0
-#: The numbers of proxies.
-PROXIES = (0, 1, 2, 3)
 NAME = "figure4"
+#: The file of its flows, which C{--from-csv} reads.
+FLOWS = f"{NAME}-flows.csv"
 
 
 def modesFor(proxies: int) -> list[str]:
@@ -78,7 +78,6 @@ def modesFor(proxies: int) -> list[str]:
     return ["direct"] if proxies == 0 else ["early", "accept"]
 
 
-@inlineCallbacks
 def measure(
     reactor: Any,
     directory: str,
@@ -92,9 +91,12 @@ def measure(
     modes: Callable[[int], list[str]] = modesFor,
     congestionControl: str | None = None,
     log: Callable[[str], None] = lambda line: None,
-) -> Any:
+    setUp: Callable[[Bed], Any] = setUpTransparent,
+    fastOpen: bool = False,
+    name: str = NAME,
+) -> Deferred[list[dict[str, Any]]]:
     """
-    Run the flows of Figure 4.
+    Run the flows of Figure 4 (L{measureLines}), or others on its lines.
 
     @param directory: Where each line's proxy configurations and logs go
         (in a directory per line).
@@ -109,26 +111,16 @@ def measure(
     @param congestionControl: Another congestion control than the
         kernel's default, in every namespace (to investigate only).
     @param log: Called with a line of progress.
+    @param setUp: Starts the server and the proxies on each line (by
+        default transparent ones, L{setUpTransparent}).
+    @param fastOpen: Whether to enable Fast Open in every namespace.
+    @param name: The experiment's name, for the progress lines.
     @return: A L{Deferred} firing with the measured rows (see
         L{miniproxy.evaluation.runner.measured}), tagged with C{proxies}.
     """
-    rows: list[dict[str, Any]] = []
-    for proxies in proxyCounts:
-        line = LineTopology(proxies=proxies, rtt=rtt, rate=rate, ipv6=False)
-        where = os.path.join(directory, f"proxies{proxies}")
-        os.makedirs(where, exist_ok=True)
-
-        def body(bed: Any, proxies: int = proxies) -> Any:
-            plan = cells(bed.line.serverAddress, modes(proxies), sizes, proxies=proxies)
-            flows = interleave(plan, runs, warmUp, seed=proxies)
-            log(f"{NAME}: {proxies} proxies: {len(flows)} flows")
-            return bed.runFlows(flows, gap)
-
-        results = yield onBed(reactor, line, where, setUpTransparent, body,
-                              congestionControl=congestionControl)
-        rows += measured(results)
-        log(f"{NAME}: {proxies} proxies: done")
-    return rows
+    return measureLines(reactor, directory, evenLines(name, proxyCounts, modes, rtt, rate),
+                        setUp, sizes, runs, warmUp, gap, fastOpen=fastOpen,
+                        congestionControl=congestionControl, log=log)
 
 
 def summarise(rows: Sequence[Mapping[str, Any]], rtt: float = RTT, rate: int | None = RATE,
@@ -244,24 +236,10 @@ def markdown(
     ))
     text.append("\n## Every cell against the model\n")
     text.append(report.markdownTable(
-        ["proxies", "mode", "KB", "TTFB [p10, p90]", "model", "dev", "TTC [p10, p90]", "model",
-         "dev", "failed"],
-        [
-            (
-                c["proxies"], c["mode"], f"{c['sizeKB']:g}",
-                f"{report.ms(c['ttfbMedian'])} [{report.ms(c['ttfbP10'])}, {report.ms(c['ttfbP90'])}]",
-                report.ms(c["ttfbModel"]), report.pct(c["ttfbDev"]),
-                f"{report.ms(c['ttcMedian'])} [{report.ms(c['ttcP10'])}, {report.ms(c['ttcP90'])}]",
-                report.ms(c["ttcModel"]), report.pct(c["ttcDev"]),
-                f"{c['failures']}/{c['runs']}",
-            )
-            for c in cellList
-        ],
+        ["proxies", "mode", "KB", *MODEL_HEADERS],
+        [(c["proxies"], c["mode"], f"{c['sizeKB']:g}", *modelColumns(c)) for c in cellList],
     ))
-    within = [
-        c for c in cellList
-        if abs(c["ttfbDev"]) <= report.TARGET_DEVIATION and abs(c["ttcDev"]) <= report.TARGET_DEVIATION
-    ]
+    within = withinModel(cellList)
     worst = max(cellList, key=lambda c: max(abs(c["ttfbDev"]), abs(c["ttcDev"])), default=None)
     text.append(
         f"\n{len(within)} of {len(cellList)} cells have TTFB and TTC within "
@@ -299,20 +277,12 @@ def plot(cellList: Sequence[Mapping[str, Any]], path: str) -> bool:
                 continue
             x = [c["sizeKB"] for c in line]
             y = [c["ttcMedian"] for c in line]
-            errors = [[c["ttcMedian"] - c["ttcP10"] for c in line], [c["ttcP90"] - c["ttcMedian"] for c in line]]
             label = "no proxy" if mode == "direct" else f"{proxies} {'proxy' if proxies == 1 else 'proxies'}, {'ESF' if mode == 'early' else 'accept'}"
-            left.errorbar(x, y, yerr=errors, linestyle=style, marker=marker, color=colour,
-                          label=label, capsize=2, markersize=4)
+            left.errorbar(x, y, yerr=report.spread(line), linestyle=style, marker=marker,
+                          color=colour, label=label, capsize=2, markersize=4)
             if mode != "accept":
                 left.plot(x, [c["ttcModel"] for c in line], linestyle=":", color=colour, linewidth=1)
-    left.set_xscale("log")
-    left.minorticks_off()
-    left.set_xticks([c for c in sorted({c["sizeKB"] for c in cellList})])
-    left.set_xticklabels([f"{c:g}" for c in sorted({c["sizeKB"] for c in cellList})])
-    left.set_xlabel("flow size (KB)")
-    left.set_ylabel("time to complete (ms)")
-    left.set_title("TTC (median, p10–p90; dotted: model, ESF)")
-    left.grid(True, alpha=0.3)
+    report.sizeAxes(left, [c["sizeKB"] for c in cellList], "TTC (median, p10–p90; dotted: model, ESF)")
     left.legend(fontsize=8)
     for mode, marker, label in (("early", "o", "ESF"), ("accept", "s", "accept")):
         points = []
@@ -346,69 +316,30 @@ def write(out: str, rows: Sequence[Mapping[str, Any]], command: str, before: Map
 
     @return: The paths written.
     """
-    os.makedirs(out, exist_ok=True)
     cellList = summarise(rows, rtt, rate, congestionControl)
     cuts = reductions(rows, cellList, rtt, rate, congestionControl)
-    paths = [os.path.join(out, f"{NAME}-flows.csv"), os.path.join(out, f"{NAME}.csv"),
-             os.path.join(out, f"{NAME}.md")]
-    report.writeCSV(paths[0], rows, ("proxies", *FLOW_COLUMNS))
-    report.writeCSV(paths[1], cellList, ("proxies", *CELL_COLUMNS))
-    with open(paths[2], "w") as f:
-        f.write(markdown(rows, cellList, cuts, command, before, rtt, rate, congestionControl))
-    png = os.path.join(out, f"{NAME}.png")
-    if plot(cellList, png):
-        paths.append(png)
-    return paths
+    return report.writeOutputs(
+        out, NAME,
+        [("-flows", rows, ("proxies", *FLOW_COLUMNS)), ("", cellList, ("proxies", *CELL_COLUMNS))],
+        markdown(rows, cellList, cuts, command, before, rtt, rate, congestionControl),
+        lambda path: plot(cellList, path),
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     """
     C{python -m miniproxy.evaluation.figure4}; C{--help} says more.
     """
-    parser = arguments("python -m miniproxy.evaluation.figure4", "The paper's Figure 4.")
-    parser.add_argument("--proxies", default=",".join(map(str, PROXIES)),
-                        help="numbers of proxies (0,1,2,3)")
-    parser.add_argument("--sizes", default=",".join(map(str, SIZES_KB)), help="flow sizes in KB")
-    parser.add_argument("--congestion-control", default=None,
-                        help="set this congestion control in every namespace instead of the "
-                             "kernel's default (to investigate; not for the figure; a namespace may only set those in net.ipv4.tcp_allowed_congestion_control)")
-    parser.add_argument("--from-csv", action="store_true",
-                        help="measure nothing: rebuild the cells' CSV, the markdown and the plot in "
-                             "--out from its figure4-flows.csv (the model anew, with "
-                             "--congestion-control or the one the flows ran with)")
-    args = parser.parse_args(argv)
-    runs = runsFrom(args)
-    before = report.machine()
-    congestionControl = args.congestion_control or before["congestion control"]
-    if args.congestion_control:
-        before["congestion control"] = f"{args.congestion_control} (set in every namespace)"
-    command = report.commandLine(argv)
-    if args.from_csv:
-        rows = readFlows(os.path.join(args.out, f"{NAME}-flows.csv"), ["proxies"])
-        measuredWith, measuredOn = report.readPreamble(os.path.join(args.out, f"{NAME}.md"))
-        recorded = measuredOn.get("congestion control", "").split(" ")[0]
-        measuredOn["tables rebuilt"] = f"{before['date']} from the flows' CSV: `{command}`"
-        for path in write(args.out, rows, measuredWith or command, measuredOn or before,
-                          congestionControl=args.congestion_control or recorded or congestionControl):
-            print(f"wrote {path}")
-        return
+    parser = arguments("python -m miniproxy.evaluation.figure4", "The paper's Figure 4.", FLOWS,
+                       proxies=True, sizes=True, congestionControl=True)
 
-    @inlineCallbacks
-    def experiment(reactor: Any) -> Any:
-        directory = workDirectory(args.keep)
-        try:
-            rows = yield measure(
-                reactor, directory,
-                proxyCounts=[int(p) for p in args.proxies.split(",")],
-                sizes=[int(float(s) * KB) for s in args.sizes.split(",")],
-                runs=runs, gap=args.gap, congestionControl=args.congestion_control, log=print,
-            )
-        finally:
-            removeWorkDirectory(directory, args.keep)
-        for path in write(args.out, rows, command, before, congestionControl=congestionControl):
-            print(f"wrote {path}")
+    def measureAll(reactor: Any, directory: str, args: argparse.Namespace) -> Deferred[Any]:
+        return measure(reactor, directory, proxyCounts=proxyCountsFrom(args), sizes=sizesFrom(args),
+                       runs=runsFrom(args), gap=args.gap,
+                       congestionControl=args.congestion_control, log=print)
 
-    run(experiment, args, before)
+    runExperiment(argv, parser, NAME, FLOWS, lambda path: readFlows(path, ["proxies"]),
+                  measureAll, write)
 
 
 if __name__ == "__main__":

@@ -21,35 +21,33 @@ ran with).
 
 from __future__ import annotations
 
-import os
+import argparse
 from typing import Any, Callable, Mapping, Sequence
 
-from twisted.internet.defer import inlineCallbacks
+from twisted.internet.defer import Deferred
 
 from miniproxy.evaluation import report
 from miniproxy.evaluation.common import (
     CELL_COLUMNS,
     FLOW_COLUMNS,
     KB,
+    MODEL_HEADERS,
     RATE,
     GAP,
     RUNS,
     SIZES_KB,
     WARM_UP,
+    Line,
     arguments,
-    cells,
     cellStats,
+    measureLines,
+    modelColumns,
     readFlows,
-    run,
+    runExperiment,
     runsFrom,
     setUpTransparent,
-)
-from miniproxy.evaluation.runner import (
-    interleave,
-    measured,
-    onBed,
-    removeWorkDirectory,
-    workDirectory,
+    sizesFrom,
+    withinModel,
 )
 from miniproxy.testbed.topology import LineTopology
 
@@ -58,9 +56,10 @@ DIRECT_DELAY = 50.0
 #: The one-way delays of each of the proxy's links, in milliseconds.
 DELAYS = (25.0, 27.5, 30.0, 32.5, 35.0, 37.5)
 NAME = "figure5"
+#: The file of its flows, which C{--from-csv} reads.
+FLOWS = f"{NAME}-flows.csv"
 
 
-@inlineCallbacks
 def measure(
     reactor: Any,
     directory: str,
@@ -74,9 +73,10 @@ def measure(
     direct: bool = True,
     congestionControl: str | None = None,
     log: Callable[[str], None] = lambda line: None,
-) -> Any:
+) -> Deferred[list[dict[str, Any]]]:
     """
-    Run the flows of Figure 5: the direct path, then one line per delay.
+    Run the flows of Figure 5 (L{measureLines}): the direct path, then one
+    line per delay.
 
     @param delays: The one-way delays of the proxy's links, milliseconds.
     @param modes: The proxy's modes to measure.
@@ -87,26 +87,15 @@ def measure(
         C{delay} (the one-way delay of each link; the direct path's for
         mode C{direct}).
     """
-    rows: list[dict[str, Any]] = []
-    lines: list[tuple[float, int]] = ([(DIRECT_DELAY, 0)] if direct else []) + [(d, 1) for d in delays]
-    for index, (delay, proxies) in enumerate(lines):
-        line = LineTopology(proxies=proxies, delays=[delay] * (proxies + 1), rate=rate, ipv6=False)
-        where = os.path.join(directory, f"line{index}")
-        os.makedirs(where, exist_ok=True)
-        lineModes = ["direct"] if proxies == 0 else list(modes)
-
-        def body(bed: Any, delay: float = delay, lineModes: list[str] = lineModes,
-                 index: int = index) -> Any:
-            plan = cells(bed.line.serverAddress, lineModes, sizes, delay=delay)
-            flows = interleave(plan, runs, warmUp, seed=index)
-            log(f"{NAME}: {delay:g} ms one way, {'direct' if delay == DIRECT_DELAY else '1 proxy'}: "
-                f"{len(flows)} flows")
-            return bed.runFlows(flows, gap)
-
-        results = yield onBed(reactor, line, where, setUpTransparent, body,
-                              congestionControl=congestionControl)
-        rows += measured(results)
-    return rows
+    paths: list[tuple[float, int]] = ([(DIRECT_DELAY, 0)] if direct else []) + [(d, 1) for d in delays]
+    lines = [
+        Line(LineTopology(proxies=proxies, delays=[delay] * (proxies + 1), rate=rate, ipv6=False),
+             f"line{index}", f"{NAME}: {delay:g} ms one way, {'1 proxy' if proxies else 'direct'}",
+             list(modes) if proxies else ["direct"], {"delay": delay}, index)
+        for index, (delay, proxies) in enumerate(paths)
+    ]
+    return measureLines(reactor, directory, lines, setUpTransparent, sizes, runs, warmUp, gap,
+                        congestionControl=congestionControl, log=log)
 
 
 def summarise(rows: Sequence[Mapping[str, Any]], rate: int | None = RATE,
@@ -172,21 +161,10 @@ def markdown(
     text.append(report.markdownTable(headers, table))
     text.append("\n## Every cell against the model\n")
     text.append(report.markdownTable(
-        ["one-way delay", "mode", "KB", "TTFB [p10, p90]", "model", "dev", "TTC [p10, p90]",
-         "model", "dev", "failed"],
-        [
-            (
-                f"{c['delay']:g}", c["mode"], f"{c['sizeKB']:g}",
-                f"{report.ms(c['ttfbMedian'])} [{report.ms(c['ttfbP10'])}, {report.ms(c['ttfbP90'])}]",
-                report.ms(c["ttfbModel"]), report.pct(c["ttfbDev"]),
-                f"{report.ms(c['ttcMedian'])} [{report.ms(c['ttcP10'])}, {report.ms(c['ttcP90'])}]",
-                report.ms(c["ttcModel"]), report.pct(c["ttcDev"]),
-                f"{c['failures']}/{c['runs']}",
-            )
-            for c in cellList
-        ],
+        ["one-way delay", "mode", "KB", *MODEL_HEADERS],
+        [(f"{c['delay']:g}", c["mode"], f"{c['sizeKB']:g}", *modelColumns(c)) for c in cellList],
     ))
-    within = [c for c in cellList if max(abs(c["ttfbDev"]), abs(c["ttcDev"])) <= report.TARGET_DEVIATION]
+    within = withinModel(cellList)
     text.append(f"\n{len(within)} of {len(cellList)} cells have TTFB and TTC within "
                 f"{report.TARGET_DEVIATION:g} % of the model.\n")
     return "\n".join(text)
@@ -216,21 +194,13 @@ def plot(cellList: Sequence[Mapping[str, Any]], path: str) -> bool:
             continue
         x = [c["sizeKB"] for c in line]
         axes.errorbar(
-            x, [c["ttcMedian"] for c in line],
-            yerr=[[c["ttcMedian"] - c["ttcP10"] for c in line], [c["ttcP90"] - c["ttcMedian"] for c in line]],
+            x, [c["ttcMedian"] for c in line], yerr=report.spread(line),
             marker="o", markersize=3, capsize=2, color=colour, label=label,
             linestyle="--" if mode == "accept" else "-",
         )
         axes.plot(x, [c["ttcModel"] for c in line], linestyle=":", color=colour, linewidth=1)
-    sizes = sorted({c["sizeKB"] for c in cellList})
-    axes.set_xscale("log")
-    axes.minorticks_off()
-    axes.set_xticks(sizes)
-    axes.set_xticklabels([f"{s:g}" for s in sizes])
-    axes.set_xlabel("flow size (KB)")
-    axes.set_ylabel("time to complete (ms)")
-    axes.set_title("TTC with one proxy and longer links (median, p10–p90; dotted: model)")
-    axes.grid(True, alpha=0.3)
+    report.sizeAxes(axes, [c["sizeKB"] for c in cellList],
+                    "TTC with one proxy and longer links (median, p10–p90; dotted: model)")
     axes.legend(fontsize=8)
     report.savePlot(figure, path)
     return True
@@ -244,70 +214,32 @@ def write(out: str, rows: Sequence[Mapping[str, Any]], command: str, before: Map
 
     @return: The paths written.
     """
-    os.makedirs(out, exist_ok=True)
     cellList = summarise(rows, congestionControl=congestionControl)
-    paths = [os.path.join(out, f"{NAME}-flows.csv"), os.path.join(out, f"{NAME}.csv"),
-             os.path.join(out, f"{NAME}.md")]
-    report.writeCSV(paths[0], rows, ("delay", *FLOW_COLUMNS))
-    report.writeCSV(paths[1], cellList, ("delay", *CELL_COLUMNS))
-    with open(paths[2], "w") as f:
-        f.write(markdown(rows, cellList, command, before, congestionControl))
-    png = os.path.join(out, f"{NAME}.png")
-    if plot(cellList, png):
-        paths.append(png)
-    return paths
+    return report.writeOutputs(
+        out, NAME,
+        [("-flows", rows, ("delay", *FLOW_COLUMNS)), ("", cellList, ("delay", *CELL_COLUMNS))],
+        markdown(rows, cellList, command, before, congestionControl),
+        lambda path: plot(cellList, path),
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     """
     C{python -m miniproxy.evaluation.figure5}; C{--help} says more.
     """
-    parser = arguments("python -m miniproxy.evaluation.figure5", "The paper's Figure 5.")
+    parser = arguments("python -m miniproxy.evaluation.figure5", "The paper's Figure 5.", FLOWS,
+                       sizes=True, congestionControl=True)
     parser.add_argument("--delays", default=",".join(f"{d:g}" for d in DELAYS),
                         help="one-way delays of the proxy's links, ms")
-    parser.add_argument("--sizes", default=",".join(map(str, SIZES_KB)), help="flow sizes in KB")
     parser.add_argument("--modes", default="early", help="the proxy's modes: early[,accept]")
-    parser.add_argument("--congestion-control", default=None,
-                        help="set this congestion control in every namespace instead of the "
-                             "kernel's default (to investigate; not for the figure; a namespace may only set those in net.ipv4.tcp_allowed_congestion_control)")
-    parser.add_argument("--from-csv", action="store_true",
-                        help="measure nothing: rebuild the cells' CSV, the markdown and the plot in "
-                             "--out from its figure5-flows.csv (the model anew, with "
-                             "--congestion-control or the one the flows ran with)")
-    args = parser.parse_args(argv)
-    runs = runsFrom(args)
-    before = report.machine()
-    congestionControl = args.congestion_control or before["congestion control"]
-    if args.congestion_control:
-        before["congestion control"] = f"{args.congestion_control} (set in every namespace)"
-    command = report.commandLine(argv)
-    if args.from_csv:
-        rows = readFlows(os.path.join(args.out, f"{NAME}-flows.csv"), {"delay": float})
-        measuredWith, measuredOn = report.readPreamble(os.path.join(args.out, f"{NAME}.md"))
-        recorded = measuredOn.get("congestion control", "").split(" ")[0]
-        measuredOn["tables rebuilt"] = f"{before['date']} from the flows' CSV: `{command}`"
-        for path in write(args.out, rows, measuredWith or command, measuredOn or before,
-                          congestionControl=args.congestion_control or recorded or congestionControl):
-            print(f"wrote {path}")
-        return
 
-    @inlineCallbacks
-    def experiment(reactor: Any) -> Any:
-        directory = workDirectory(args.keep)
-        try:
-            rows = yield measure(
-                reactor, directory,
-                delays=[float(d) for d in args.delays.split(",")],
-                sizes=[int(float(s) * KB) for s in args.sizes.split(",")],
-                modes=args.modes.split(","), runs=runs, gap=args.gap,
-                congestionControl=args.congestion_control, log=print,
-            )
-        finally:
-            removeWorkDirectory(directory, args.keep)
-        for path in write(args.out, rows, command, before, congestionControl=congestionControl):
-            print(f"wrote {path}")
+    def measureAll(reactor: Any, directory: str, args: argparse.Namespace) -> Deferred[Any]:
+        return measure(reactor, directory, delays=[float(d) for d in args.delays.split(",")],
+                       sizes=sizesFrom(args), modes=args.modes.split(","), runs=runsFrom(args),
+                       gap=args.gap, congestionControl=args.congestion_control, log=print)
 
-    run(experiment, args, before)
+    runExperiment(argv, parser, NAME, FLOWS, lambda path: readFlows(path, {"delay": float}),
+                  measureAll, write)
 
 
 if __name__ == "__main__":

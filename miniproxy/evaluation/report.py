@@ -19,7 +19,7 @@ import os
 import platform
 import shlex
 import sys
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from attrs import frozen
 
@@ -249,6 +249,38 @@ def readPreamble(path: str) -> tuple[str, dict[str, str]]:
     return command, info
 
 
+def writeOutputs(
+    out: str,
+    name: str,
+    tables: Sequence[tuple[str, Iterable[Mapping[str, Any]], Sequence[str]]],
+    markdown: str,
+    plot: Callable[[str], bool] | None = None,
+) -> list[str]:
+    """
+    Write an experiment's outputs into directory C{out} (made if needed):
+    its CSV files, its markdown C{name.md} and, if it draws one, its plot
+    C{name.png}.
+
+    @param tables: Each CSV file: the suffix of its name after C{name}
+        (C{"-flows"}, C{""}), its rows and its columns (L{writeCSV}).
+    @param plot: Draws the plot into the path it is given and says whether
+        it did (not without matplotlib).
+    @return: The paths written, in that order.
+    """
+    os.makedirs(out, exist_ok=True)
+    paths = []
+    for suffix, rows, columns in tables:
+        paths.append(os.path.join(out, f"{name}{suffix}.csv"))
+        writeCSV(paths[-1], rows, columns)
+    paths.append(os.path.join(out, f"{name}.md"))
+    with open(paths[-1], "w") as f:
+        f.write(markdown)
+    png = os.path.join(out, f"{name}.png")
+    if plot is not None and plot(png):
+        paths.append(png)
+    return paths
+
+
 def pyplot() -> Any:
     """
     matplotlib's C{pyplot} with a non-interactive backend, or L{None} if
@@ -262,6 +294,31 @@ def pyplot() -> Any:
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def spread(cells: Sequence[Mapping[str, Any]], what: str = "ttc") -> list[list[float]]:
+    """
+    Error bars from each cell's median down to its p10 and up to its p90
+    (of C{what}: C{ttc} or C{ttfb}), as C{errorbar}'s C{yerr} takes them.
+    """
+    return [[c[f"{what}Median"] - c[f"{what}P10"] for c in cells],
+            [c[f"{what}P90"] - c[f"{what}Median"] for c in cells]]
+
+
+def sizeAxes(axes: Any, sizes: Iterable[float], title: str) -> None:
+    """
+    Lay out axes of times to complete against flow sizes: the sizes (KB)
+    on a logarithmic scale, each one ticked, and a light grid.
+    """
+    ticks = sorted(set(sizes))
+    axes.set_xscale("log")
+    axes.minorticks_off()
+    axes.set_xticks(ticks)
+    axes.set_xticklabels([f"{s:g}" for s in ticks])
+    axes.set_xlabel("flow size (KB)")
+    axes.set_ylabel("time to complete (ms)")
+    axes.set_title(title)
+    axes.grid(True, alpha=0.3)
 
 
 def savePlot(figure: Any, path: str) -> None:

@@ -32,6 +32,7 @@ C{table1-flows.csv} in C{--out}, without measuring.
 
 from __future__ import annotations
 
+import argparse
 import os
 from typing import Any, Callable, Mapping, Sequence
 
@@ -42,18 +43,11 @@ from miniproxy.evaluation.common import (
     arguments,
     readBool,
     readRows,
-    run,
+    runExperiment,
     runsFrom,
     setUpTransparent,
 )
-from miniproxy.evaluation.runner import (
-    ACCEPT_PORT,
-    DIRECT_PORT,
-    EARLY_PORT,
-    onBed,
-    removeWorkDirectory,
-    workDirectory,
-)
+from miniproxy.evaluation.runner import ACCEPT_PORT, DIRECT_PORT, EARLY_PORT, onBed
 from miniproxy.evaluation.packets import WireFlow, connections
 from miniproxy.testbed.topology import SERVER_SIDE, Link, LineTopology
 
@@ -69,6 +63,11 @@ PATHS = {"early": EARLY_PORT, "accept": ACCEPT_PORT, "no proxy": DIRECT_PORT}
 #: The proxy's bounds, raised above the largest level.
 LIMITS = {"max-pending-syns-per-source": 1024, "max-flows-per-source": 1024}
 NAME = "table1"
+#: The file of its connections, which C{--from-csv} reads.
+FLOWS = f"{NAME}-flows.csv"
+#: Its columns.
+FLOW_COLUMNS = ("level", "path", "run", "index", "ok", "connect", "ttfb", "clientConnect",
+                "clientTtfb", "proxyEstablish", "error")
 
 
 @inlineCallbacks
@@ -310,57 +309,31 @@ def write(out: str, rows: Sequence[Mapping[str, Any]], command: str, before: Map
 
     @return: The paths written.
     """
-    os.makedirs(out, exist_ok=True)
     cells = summarise(rows)
-    paths = [os.path.join(out, f"{NAME}-flows.csv"), os.path.join(out, f"{NAME}.csv"),
-             os.path.join(out, f"{NAME}.md")]
-    report.writeCSV(paths[0], rows, ("level", "path", "run", "index", "ok", "connect", "ttfb",
-                                     "clientConnect", "clientTtfb", "proxyEstablish", "error"))
-    report.writeCSV(paths[1], cells, COLUMNS)
-    with open(paths[2], "w") as f:
-        f.write(markdown(rows, cells, command, before))
-    png = os.path.join(out, f"{NAME}.png")
-    if plot(cells, png):
-        paths.append(png)
-    return paths
+    return report.writeOutputs(
+        out, NAME, [("-flows", rows, FLOW_COLUMNS), ("", cells, COLUMNS)],
+        markdown(rows, cells, command, before), lambda path: plot(cells, path),
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     """
     C{python -m miniproxy.evaluation.table1}; C{--help} says more.
     """
-    parser = arguments("python -m miniproxy.evaluation.table1", "The paper's Table 1.", RUNS, gap=False)
+    parser = arguments("python -m miniproxy.evaluation.table1", "The paper's Table 1.", FLOWS,
+                       RUNS, gap=False, quick=QUICK_RUNS)
     parser.add_argument("--levels", default=",".join(map(str, LEVELS)),
                         help="simultaneous connection attempts")
-    parser.add_argument("--from-csv", action="store_true",
-                        help="measure nothing: rebuild the summary's CSV, the markdown and the plot "
-                             "in --out from its table1-flows.csv")
-    args = parser.parse_args(argv)
-    runs = runsFrom(args, RUNS, QUICK_RUNS)
-    before = report.machine()
-    command = report.commandLine(argv)
-    if args.from_csv:
-        rows = readRows(os.path.join(args.out, f"{NAME}-flows.csv"),
-                        {"level": int, "path": str, "run": int, "index": int, "ok": readBool,
-                         "error": str})
-        measuredWith, measuredOn = report.readPreamble(os.path.join(args.out, f"{NAME}.md"))
-        measuredOn["tables rebuilt"] = f"{before['date']} from the flows' CSV: `{command}`"
-        for path in write(args.out, rows, measuredWith or command, measuredOn or before):
-            print(f"wrote {path}")
-        return
 
-    @inlineCallbacks
-    def experiment(reactor: Any) -> Any:
-        directory = workDirectory(args.keep)
-        try:
-            rows = yield measure(reactor, directory,
-                                 levels=[int(x) for x in args.levels.split(",")], runs=runs, log=print)
-        finally:
-            removeWorkDirectory(directory, args.keep)
-        for path in write(args.out, rows, command, before):
-            print(f"wrote {path}")
+    def measureAll(reactor: Any, directory: str, args: argparse.Namespace) -> Any:
+        return measure(reactor, directory, levels=[int(x) for x in args.levels.split(",")],
+                       runs=runsFrom(args), log=print)
 
-    run(experiment, args, before)
+    def read(path: str) -> list[dict[str, Any]]:
+        return readRows(path, {"level": int, "path": str, "run": int, "index": int, "ok": readBool,
+                               "error": str})
+
+    runExperiment(argv, parser, NAME, FLOWS, read, measureAll, write)
 
 
 if __name__ == "__main__":
