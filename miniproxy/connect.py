@@ -242,6 +242,14 @@ class Dialer:
         self.reactor = reactor
         self.timeout = timeout
         self._tlsOptions: dict[tuple[str, str | None], Any] = {}
+        # The last plain TCP next hop connected (with the timeout then) and
+        # its endpoint: a listener's flows mostly go to its one static next
+        # hop, and the endpoint holds nothing of a connection (see
+        # _literalEndpoint).
+        self._last: tuple[NextHop, float, IStreamClientEndpoint] | None = None
+        # Whether the reactor is a real one (see _literalEndpoint); asked
+        # at the first connect.
+        self._posix: bool | None = None
 
     def tcpEndpointFor(self, nextHop: NextHop) -> IStreamClientEndpoint:
         """
@@ -323,16 +331,24 @@ class Dialer:
         itself (no wrapping protocol) and needs no
         L{twisted.internet.endpoints}; to a name, or on a reactor that is
         not a real one, L{tcpEndpointFor}.
-        """
-        from twisted.internet.posixbase import PosixReactorBase
 
+        The endpoint of the last next hop is kept and used again for the
+        same next hop: an endpoint holds only where to connect and how.
+        """
+        last = self._last
+        if last is not None and last[0] is nextHop and last[1] == self.timeout:
+            return last[2]
+        posix = self._posix
+        if posix is None:
+            from twisted.internet.posixbase import PosixReactorBase
+
+            posix = self._posix = isinstance(self.reactor, PosixReactorBase)
         literal = _literal(nextHop.address.host)
-        if literal is None:
+        if literal is None or not posix:
+            # A name, or a reactor of tests (MemoryReactor): Twisted's own
+            # endpoint.
             return self.tcpEndpointFor(nextHop)
-        if not isinstance(self.reactor, PosixReactorBase):
-            # A reactor of tests (MemoryReactor): Twisted's own endpoint.
-            return self.tcpEndpointFor(nextHop)
-        return TunedTCPClientEndpoint(
+        endpoint = TunedTCPClientEndpoint(
             self.reactor,
             literal,
             nextHop.address.port,
@@ -340,6 +356,8 @@ class Dialer:
             timeout=self.timeout,
             bindAddress=(nextHop.bindAddress, 0) if nextHop.bindAddress else None,
         )
+        self._last = (nextHop, self.timeout, endpoint)
+        return endpoint
 
     def connect(self, nextHop: NextHop, factory: IProtocolFactory) -> Deferred:
         """

@@ -14,6 +14,11 @@ flows are bounded in total and per source.  A SYN past a bound is counted
 (and logged once per interval) and its flow simply starts at accept, as
 without a tap.  A handshake that never completes is given up after
 C{Limits.synTimeout}: its flow is aborted and its outgoing leg reset.
+
+Every pending flow has the same timeout, so they expire in the order
+their SYNs came, which is the order of the pending table: one delayed
+call, due when the oldest pending flow expires, serves them all, instead
+of a delayed call made and cancelled for each SYN.
 """
 
 from __future__ import annotations
@@ -99,7 +104,9 @@ class EarlySyns:
     """
     The service's flows begun at their SYN, and its SYN taps.
 
-    @ivar pending: Flows waiting for accept, by client address.
+    @ivar pending: Flows waiting for accept, by client address, oldest
+        first: C{(flow, deadline)}, the reactor time at which the flow is
+        given up if its handshake is not complete.
     @ivar overflows: SYNs past a pending bound (they connect at accept).
     @ivar retransmits: SYNs for a flow already pending.
     @ivar expired: Handshakes that never completed.
@@ -123,7 +130,9 @@ class EarlySyns:
         self._makeTap = makeTap
         self._targets: list[_Target] = []
         self._taps: dict[int, SynTap] = {}
-        self.pending: dict[HostPort, tuple[Flow, Any]] = {}
+        self.pending: dict[HostPort, tuple[Flow, float]] = {}
+        # The delayed call that expires the oldest pending flows.
+        self._expiry: Any = None
         self._perSource: dict[str, int] = {}
         self.overflows = 0
         self.retransmits = 0
@@ -180,10 +189,11 @@ class EarlySyns:
         for tap in self._taps.values():
             tap.stop()
         self._taps.clear()
+        expiry, self._expiry = self._expiry, None
+        if expiry is not None and expiry.active():
+            expiry.cancel()
         for client in list(self.pending):
-            flow, timer = self.pending.pop(client)
-            if timer.active():
-                timer.cancel()
+            flow, _ = self.pending.pop(client)
             flow.abort("service stopping")
         self._perSource.clear()
 
@@ -221,8 +231,9 @@ class EarlySyns:
             return
         flow = Flow(context, client, segment.destination)
         refusal = context.prepareFlowAtSyn(flow, segment)
-        timer = self.reactor.callLater(limits.synTimeout, self._expire, client)
-        self.pending[client] = (flow, timer)
+        self.pending[client] = (flow, self.reactor.seconds() + limits.synTimeout)
+        if self._expiry is None:
+            self._expiry = self.reactor.callLater(limits.synTimeout, self._expire)
         self._perSource[source] = self._perSource.get(source, 0) + 1
         if refusal is not None:
             # Kept pending so the accepted connection is closed at once.
@@ -230,7 +241,7 @@ class EarlySyns:
         else:
             flow.begin(Moment.SYN)
 
-    def _forget(self, client: HostPort) -> tuple[Flow, Any] | None:
+    def _forget(self, client: HostPort) -> tuple[Flow, float] | None:
         entry = self.pending.pop(client, None)
         if entry is None:
             return None
@@ -241,13 +252,21 @@ class EarlySyns:
             del self._perSource[client.host]
         return entry
 
-    def _expire(self, client: HostPort) -> None:
-        entry = self._forget(client)
-        if entry is not None:
+    def _expire(self) -> None:
+        # Give up the pending flows whose deadline passed (the oldest
+        # first), then wait for the next one, if any.
+        self._expiry = None
+        pending = self.pending
+        while pending:
+            client = next(iter(pending))
+            flow, deadline = pending[client]
+            now = self.reactor.seconds()
+            if deadline > now:
+                self._expiry = self.reactor.callLater(deadline - now, self._expire)
+                return
+            self._forget(client)
             self.expired += 1
-            entry[0].abort(
-                f"handshake not completed within {self.limits.synTimeout:g}s"
-            )
+            flow.abort(f"handshake not completed within {self.limits.synTimeout:g}s")
 
     def _overflow(self) -> None:
         self.overflows += 1
@@ -313,11 +332,9 @@ class EarlySyns:
             entry = self.pending.get(client)
         if entry is None:
             return None
-        flow, timer = entry
+        flow = entry[0]
         if not sameEndpoint(flow.local, local):
             # Another connection of the same client port: leave it to expire.
             return None
         self._forget(client)
-        if timer.active():
-            timer.cancel()
         return flow

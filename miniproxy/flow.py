@@ -113,8 +113,15 @@ class FlowTimes:
     closed: float | None
 
     def __init__(self) -> None:
-        for name in self.__slots__:
-            setattr(self, name, None)
+        self.synSeen = None
+        self.accepted = None
+        self.outgoingStarted = None
+        self.outgoingConnected = None
+        self.firstByteFromClient = None
+        self.firstByteFromServer = None
+        self.clientHalfClosed = None
+        self.serverHalfClosed = None
+        self.closed = None
 
     def asDict(self) -> dict[str, float | None]:
         """
@@ -280,6 +287,20 @@ class IdleTimers:
                 flow._idleCall = self._push(flow, last + idle)
 
 
+_OutgoingLegFactory: Any = None
+
+
+def _outgoingLegFactory() -> Any:
+    # miniproxy.legs imports this module: the class is looked up once, at
+    # the first outgoing leg, rather than imported for each.
+    global _OutgoingLegFactory
+    if _OutgoingLegFactory is None:
+        from miniproxy.legs import OutgoingLegFactory
+
+        _OutgoingLegFactory = OutgoingLegFactory
+    return _OutgoingLegFactory
+
+
 def resetTransport(transport: Any) -> None:
     """
     Abort a transport with C{SO_LINGER} 0, so that the kernel sends a RST
@@ -406,9 +427,6 @@ class Flow:
         """
         return self._context.reactor
 
-    def _now(self) -> float:
-        return self._context.reactor.seconds()
-
     # -- the life of a flow, driven by the legs --------------------------
 
     def begin(self, moment: Moment) -> None:
@@ -418,12 +436,13 @@ class Flow:
         the outgoing leg.
         """
         context = self._context
+        now = context.reactor.seconds()
         if moment is Moment.SYN:
-            self.times.synSeen = self._now()
+            self.times.synSeen = now
         else:
             # Known from the accept: a flow ended by an early-SYN hook is
             # logged with its start time.
-            self.times.accepted = self._now()
+            self.times.accepted = now
         if context.functions:
             handlers = []
             for name, factory in context.functions:
@@ -439,7 +458,7 @@ class Flow:
             timers = table.idleTimers
             if timers is None:
                 timers = table.idleTimers = IdleTimers(context.reactor)
-            self._lastActivity = now = self._now()
+            self._lastActivity = now
             self._idleCall = timers.watch(self, now + idle)
         if self._awaitingCarrier:
             # The destination is still to be read from the client's first
@@ -490,7 +509,7 @@ class Flow:
         The kernel handed over the accepted leg.
         """
         self._accepted = leg
-        self.times.accepted = self._now()
+        self.times.accepted = self._context.reactor.seconds()
         leg.setBufferBound(self._context.limits.readSize)
         for tuner in self._context.tuners:
             tuner.tuneAccepted(leg.transport)
@@ -538,7 +557,7 @@ class Flow:
             self._maybeFinish()
             return
         self._outgoing = leg
-        self.times.outgoingConnected = self._now()
+        self.times.outgoingConnected = self._context.reactor.seconds()
         leg.setBufferBound(self._context.limits.readSize)
         for tuner in self._context.tuners:
             tuner.tuneOutgoing(leg.transport)
@@ -591,11 +610,9 @@ class Flow:
                 self.refuse(f"{nextHop}: cannot write a {nextHop.carry} header: {e}")
                 return
         self.startedBy = moment
-        self.times.outgoingStarted = self._now()
-        from miniproxy.legs import OutgoingLegFactory
-
+        self.times.outgoingStarted = self._context.reactor.seconds()
         d = self._context.dialer.connect(
-            nextHop, OutgoingLegFactory(self, preamble=preamble)
+            nextHop, _outgoingLegFactory()(self, preamble)
         )
         self._connecting = d
         # The result may already be there (a dialer that connects or fails
@@ -654,10 +671,11 @@ class Flow:
             data = self._readCarrier(data)
             if not data:
                 return
+        now = self._context.reactor.seconds()
         if not self.bytesFromClient:
-            self.times.firstByteFromClient = self._now()
+            self.times.firstByteFromClient = now
         self.bytesFromClient += len(data)
-        self._lastActivity = self._context.reactor.seconds()
+        self._lastActivity = now
         if self._chain.wantsData:
             try:
                 out = self._chain.runData("dataFromClient", self, data)
@@ -678,10 +696,11 @@ class Flow:
         """
         if self.outcome is not None:
             return
+        now = self._context.reactor.seconds()
         if not self.bytesFromServer:
-            self.times.firstByteFromServer = self._now()
+            self.times.firstByteFromServer = now
         self.bytesFromServer += len(data)
-        self._lastActivity = self._context.reactor.seconds()
+        self._lastActivity = now
         if self._chain.wantsData:
             try:
                 out = self._chain.runData("dataFromServer", self, data)
@@ -824,7 +843,7 @@ class Flow:
         """
         The client sent a FIN.
         """
-        self.times.clientHalfClosed = self._now()
+        self.times.clientHalfClosed = self._context.reactor.seconds()
         if self.outcome is not None:
             return
         if self._carrier is not None:
@@ -838,7 +857,7 @@ class Flow:
         """
         The server sent a FIN.
         """
-        self.times.serverHalfClosed = self._now()
+        self.times.serverHalfClosed = self._context.reactor.seconds()
         if self.outcome is not None:
             return
         if not self._runHook("serverHalfClosed"):
@@ -955,8 +974,12 @@ class Flow:
         @return: Whether the proxy goes on with its default action: L{False}
             if a handler said C{STOP}, failed, or ended the flow.
         """
+        chain = self._chain
+        if not chain.handlers:
+            # No function: nothing can stop the event.
+            return self.outcome is None
         try:
-            verdict = self._chain.run(hook, self)
+            verdict = chain.run(hook, self)
         except HookFailed as e:
             self._hookFailed(e)
             return False
@@ -972,11 +995,13 @@ class Flow:
         @return: Whether the flow goes on: L{False} if a handler failed or
             ended the flow.
         """
-        try:
-            self._chain.run(hook, self)
-        except HookFailed as e:
-            self._hookFailed(e)
-            return False
+        chain = self._chain
+        if chain.handlers:
+            try:
+                chain.run(hook, self)
+            except HookFailed as e:
+                self._hookFailed(e)
+                return False
         return self.outcome is None
 
     def _idleTimedOut(self, idle: float) -> None:
@@ -1000,7 +1025,7 @@ class Flow:
             # now is that decision, not a new reset to pass on.
             self._maybeFinish()
             return
-        if not reason.check(error.ConnectionDone):
+        if not isinstance(reason.value, error.ConnectionDone):
             # A reset or an error on one leg resets the other.
             side = "client" if leg is self._accepted else "server"
             self._setOutcome(Outcome.RESET, f"{side}: {describeFailure(reason)}")
@@ -1034,7 +1059,7 @@ class Flow:
         if carrier is not None:
             carrier.stop()
         self._setOutcome(Outcome.OK, None)
-        self.times.closed = self._now()
+        self.times.closed = self._context.reactor.seconds()
         entry, self._idleCall = self._idleCall, None
         if entry is not None:
             self._context.table.idleTimers.forget(entry)
@@ -1043,3 +1068,8 @@ class Flow:
         self._context.table.remove(self)
         self._chain.runClosed(self)
         self._context.flowClosed(self)
+        # Let go of the legs: each leg refers to its flow, and a flow with
+        # no cycle left is freed when its last reference goes, not by the
+        # garbage collector (which would otherwise find every closed
+        # flow's objects, and go through the open ones, far more often).
+        self._accepted = self._outgoing = None

@@ -142,7 +142,8 @@ def makeService(options: Options, reactor: Any = None) -> Any:
     from miniproxy.service import ProxyService
 
     try:
-        return ProxyService(config, reactor)
+        # The process runs this service alone: tune its garbage collector.
+        return ProxyService(config, reactor, tuneGC=True)
     except ConfigError as e:
         # twistd prints this and exits 1, instead of a traceback.
         raise SystemExit(f"miniproxy: configuration error: {_blame(options, str(e))}")

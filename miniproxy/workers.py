@@ -859,6 +859,7 @@ class _Worker:
             onFlowClosed=self._closed,
             endpoints=endpoints,
             share=(self.index, settings["workers"]),
+            tuneGC=True,
         )
 
     def _closed(self, flow: Any) -> None:

@@ -559,6 +559,27 @@ class PlainConnectTests(unittest.TestCase):
 
     timeout = TEST_TIMEOUT
 
+    def test_endpointReused(self) -> None:
+        """
+        The flows of a next hop are connected through one endpoint, made at
+        the first; another next hop, or another timeout, gets its own.
+        """
+        from twisted.internet import reactor
+
+        from miniproxy.tcpclient import TunedTCPClientEndpoint
+
+        dialer = Dialer(reactor, 5)
+        hop = NextHop(HostPort("127.0.0.1", 9))
+        endpoint = dialer._literalEndpoint(hop)
+        self.assertIsInstance(endpoint, TunedTCPClientEndpoint)
+        self.assertIs(dialer._literalEndpoint(hop), endpoint)
+        other = dialer._literalEndpoint(NextHop(HostPort("127.0.0.1", 10)))
+        self.assertIsNot(other, endpoint)
+        dialer.timeout = 1
+        slower = dialer._literalEndpoint(NextHop(HostPort("127.0.0.1", 10)))
+        self.assertIsNot(slower, other)
+        self.assertEqual(slower._timeout, 1)
+
     @defer.inlineCallbacks
     def test_refused(self) -> Any:
         """

@@ -198,6 +198,55 @@ class EarlySynsTests(unittest.TestCase):
         self.assertFalse(attempt.pending)
         self.assertEqual(self.table.flows, set())
 
+    def expiryCalls(self) -> list[Any]:
+        """
+        The delayed calls that expire pending flows.
+        """
+        return [c for c in self.reactor.getDelayedCalls() if c.func == self.early._expire]
+
+    def test_oneExpiryCall(self) -> None:
+        """
+        However many flows are pending, one delayed call expires them, each
+        C{synTimeout} after its own SYN, in the order of their SYNs; a claim
+        cancels nothing, and the call ends with the last pending flow.
+        """
+        # From three hosts: the per-source bound here is 2.
+        clients = [HostPort(f"127.0.0.{1 + i}", 50000) for i in range(3)]
+        for client in clients:
+            self.early.synArrived(syn(client))
+            self.assertEqual(len(self.expiryCalls()), 1)
+            self.reactor.advance(1)
+        # t=3: the first handshake's time is up.
+        self.assertEqual(self.early.expired, 1)
+        self.assertFalse(self.early.isPending(clients[0]))
+        self.assertTrue(self.early.isPending(clients[1]))
+        [call] = self.expiryCalls()
+        self.assertEqual(call.getTime(), 4.0)
+        self.assertIsNotNone(self.early.claim(clients[1], LOCAL))
+        self.reactor.advance(1)
+        # t=4: the claimed flow is not expired; the call waits for the third.
+        self.assertEqual(self.early.expired, 1)
+        self.assertEqual([c.getTime() for c in self.expiryCalls()], [5.0])
+        self.reactor.advance(1)
+        self.assertEqual(self.early.expired, 2)
+        self.assertEqual(self.early.pending, {})
+        self.assertEqual(self.expiryCalls(), [])
+        self.assertEqual(
+            [f.outcome for f in self.closed], [Outcome.ABORTED, Outcome.ABORTED]
+        )
+        self.early.synArrived(syn(HostPort("127.0.0.1", 50009)))
+        self.assertEqual([c.getTime() for c in self.expiryCalls()], [8.0])
+
+    def test_stopCancelsExpiry(self) -> None:
+        """
+        Stopping aborts the pending flows and leaves no delayed call.
+        """
+        self.early.synArrived(syn(HostPort("127.0.0.1", 50000)))
+        self.early.stop()
+        self.assertEqual(self.expiryCalls(), [])
+        [flow] = self.closed
+        self.assertEqual(flow.reason, "service stopping")
+
     def test_flowLimitsAtSyn(self) -> None:
         """
         A SYN over the flow table's limits begins no flow.

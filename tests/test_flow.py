@@ -8,6 +8,7 @@ L{miniproxy.testing}.
 
 from __future__ import annotations
 
+import gc
 from typing import Any
 
 from hypothesis import given
@@ -228,6 +229,43 @@ class RelayTests(FlowTestCase):
         driver.serverResumesReading()
         self.assertEqual(driver.sentToServer(), b"last")
         self.assertTrue(driver.finSentToServer)
+
+
+class CycleTests(FlowTestCase):
+    """
+    A closed flow lets go of its legs, which refer to it: it leaves no
+    reference cycle, so that its objects are freed by their reference
+    counts rather than by the garbage collector.
+    """
+
+    def test_closedFlowHoldsNoLeg(self) -> None:
+        """
+        Once closed, a flow refers to neither leg; its legs still know it.
+        """
+        harness, driver = self.connected()
+        accepted, outgoing = driver.acceptedLeg, driver.outgoingLeg
+        flow = driver.flow
+        self.assertIn(accepted, gc.get_referents(flow))
+        driver.clientHalfCloses()
+        driver.serverHalfCloses()
+        self.assertClosed(harness, driver, Outcome.OK)
+        referents = gc.get_referents(flow)
+        self.assertNotIn(accepted, referents)
+        self.assertNotIn(outgoing, referents)
+        self.assertIs(accepted.flow, flow)
+        self.assertIs(outgoing.flow, flow)
+
+    def test_resetFlowHoldsNoLeg(self) -> None:
+        """
+        A flow that ends with a reset lets go of its legs too.
+        """
+        harness, driver = self.connected()
+        accepted, outgoing = driver.acceptedLeg, driver.outgoingLeg
+        driver.serverResets()
+        self.assertClosed(harness, driver, Outcome.RESET)
+        referents = gc.get_referents(driver.flow)
+        self.assertNotIn(accepted, referents)
+        self.assertNotIn(outgoing, referents)
 
 
 class EarlyBytesTests(FlowTestCase):
@@ -1220,6 +1258,25 @@ class AccessLogTests(FlowTestCase):
         self.assertIn("192.0.2.1:40000 -> 198.51.100.1:80", text)
         self.assertIn("outcome=ok", text)
         self.assertNotIn("reason=", text)
+
+    def test_line(self) -> None:
+        """
+        The event's text is its C{line}: the access-log format filled in
+        with the event's own fields, formatted once, when the flow ended.
+        """
+        from miniproxy.accesslog import _FORMAT, LINE_FORMAT
+
+        with capturedLogs() as events:
+            harness = self.harness()
+            driver = harness.accept()
+            driver.connectOutgoing()
+            driver.clientSends(b"up")
+            driver.serverResets()
+        [event] = accessEvents(events)
+        self.assertEqual(event["log_format"], LINE_FORMAT)
+        self.assertEqual(event["line"], _FORMAT.format(**event))
+        self.assertEqual(formatEvent(event), event["line"])
+        self.assertIn(" up=2 down=0 outcome=reset reason='server: ", event["line"])
 
     def test_refusedFlow(self) -> None:
         """

@@ -7,6 +7,7 @@ These run the service on real loopback sockets (see L{tests.support}).
 
 from __future__ import annotations
 
+import gc
 import socket
 from typing import Any
 
@@ -16,7 +17,7 @@ from twisted.trial import unittest
 from miniproxy.address import NextHop
 from miniproxy.config import buildConfig
 from miniproxy.errors import ConfigError
-from miniproxy.flow import ConnectMode, Outcome
+from miniproxy.flow import ConnectMode, Flow, Outcome
 from miniproxy.listener import ListenerSettings
 from miniproxy.service import ProxyService, withBacklog
 from tests.support import TEST_TIMEOUT, LogCapture, Network, waitUntil, withTimeout
@@ -161,6 +162,32 @@ class ServiceTests(unittest.TestCase):
         for port in proxy.ports:
             yield self.assertFailure(net.connect(port), error.ConnectionRefusedError)
         self.assertEqual(proxy.openFlows(), [])
+
+    @defer.inlineCallbacks
+    def test_closedFlowLeavesNoCycle(self) -> Any:
+        """
+        A flow over real sockets, once closed, leaves no reference cycle:
+        the garbage collector finds neither it nor its legs, because their
+        reference counts freed them.
+        """
+        from miniproxy.legs import Leg
+
+        net = Network(self)
+        serverPort, servers = net.server(echo=True)
+        proxy = yield net.startProxy(f"tcp:host=127.0.0.1:port={serverPort}")
+        gc.collect()
+        gc.disable()
+        self.addCleanup(gc.enable)
+        yield self.exchange(net, proxy.port, servers, b"once")
+        yield waitUntil(lambda: len(proxy.closed) == 1, "the flow to close")
+        # Nothing here keeps the flow: only a cycle could.
+        del proxy.closed[:]
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        self.addCleanup(gc.set_debug, 0)
+        self.addCleanup(gc.garbage.clear)
+        gc.collect()
+        found = [o for o in gc.garbage if isinstance(o, (Flow, Leg))]
+        self.assertEqual(found, [])
 
     @defer.inlineCallbacks
     def test_portInUse(self) -> Any:
@@ -324,3 +351,81 @@ class AcceptBatchTests(unittest.TestCase):
         self.successResultOf(endpoint.listen(Factory()))
         [(port, _, backlog, interface)] = reactor.tcpServers
         self.assertEqual((port, backlog, interface), (8080, 9, "127.0.0.1"))
+
+
+class GarbageCollectorTests(unittest.TestCase):
+    """
+    L{tuneGarbageCollector}, and the services that call it.  The collector
+    is the process's: these tests patch its functions, never call them.
+    """
+
+    def setUp(self) -> None:
+        from miniproxy import service
+
+        self.calls: list[tuple[str, tuple[int, ...]]] = []
+        self.patch(service.gc, "freeze", lambda: self.calls.append(("freeze", ())))
+        self.patch(
+            service.gc, "set_threshold",
+            lambda *values: self.calls.append(("set_threshold", values)),
+        )
+        self.patch(service.gc, "get_threshold", lambda: (700, 10, 10))
+
+    def test_tune(self) -> None:
+        """
+        The objects that exist are frozen, then the youngest generation's
+        threshold is raised; the older generations' are left as they are.
+        """
+        from miniproxy.service import GC_THRESHOLD, tuneGarbageCollector
+
+        tuneGarbageCollector()
+        self.assertEqual(
+            self.calls, [("freeze", ()), ("set_threshold", (GC_THRESHOLD, 10, 10))]
+        )
+        self.assertGreater(GC_THRESHOLD, 700)
+
+    def service(self, reactor: Any, tuneGC: bool) -> ProxyService:
+        config = buildConfig({}, listen=[LOCAL], to="tcp:host=127.0.0.1:port=9")
+        service = ProxyService(config, reactor, tuneGC=tuneGC)
+        self.addCleanup(service.optionEmitter.release)
+        return service
+
+    def test_startTunes(self) -> Any:
+        """
+        A service made with C{tuneGC} on a real reactor tunes the collector
+        when it starts; one made without does not.
+        """
+        from twisted.internet import reactor
+
+        untuned = self.service(reactor, False)
+        untuned.startService()
+        self.addCleanup(untuned.stopService)
+        self.assertEqual(self.calls, [])
+        tuned = self.service(reactor, True)
+        tuned.startService()
+        self.addCleanup(tuned.stopService)
+        self.assertEqual([name for name, _ in self.calls], ["freeze", "set_threshold"])
+
+    def test_testReactor(self) -> None:
+        """
+        On a reactor of tests, C{tuneGC} leaves the collector alone.
+        """
+        from twisted.internet.testing import MemoryReactorClock
+
+        service = self.service(MemoryReactorClock(), True)
+        service.startService()
+        self.addCleanup(service.stopService)
+        self.assertEqual(self.calls, [])
+
+    def test_twistdTunes(self) -> None:
+        """
+        The service C{twistd miniproxy} makes tunes the collector.
+        """
+        from twisted.internet.testing import MemoryReactorClock
+
+        from miniproxy.tap import Options, makeService
+
+        options = Options()
+        options.parseOptions(["--to", "tcp:host=127.0.0.1:port=9"])
+        service = makeService(options, MemoryReactorClock())
+        self.addCleanup(service.optionEmitter.release)
+        self.assertTrue(service.tuneGC)

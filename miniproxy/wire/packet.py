@@ -130,9 +130,11 @@ def parseIP(packet: bytes) -> TCPSegment:
         if packet[9] != socket.IPPROTO_TCP:
             raise MalformedInput(f"IP protocol {packet[9]} is not TCP")
         end = min(len(packet), totalLength) if totalLength >= ihl else len(packet)
+        # inet_ntop writes an IPv4 address as ipaddress does, without
+        # parsing it into an object first (a SYN tap parses every SYN).
         return parseTCP(
-            ipText(packet[12:16]),
-            ipText(packet[16:20]),
+            socket.inet_ntop(socket.AF_INET, packet[12:16]),
+            socket.inet_ntop(socket.AF_INET, packet[16:20]),
             packet[ihl:end],
         )
     if version == 6:
