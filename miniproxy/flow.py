@@ -1063,7 +1063,8 @@ class Flow:
         self._toServer = None
         self._toClient = None
         self._context.table.remove(self)
-        self._chain.runClosed(self)
+        if self._chain.handlers:
+            self._chain.runClosed(self)
         self._context.flowClosed(self)
         # Let go of the legs: each leg refers to its flow, and a flow with
         # no cycle left is freed when its last reference goes, not by the
