@@ -532,7 +532,7 @@ class Flow:
             outgoing.registerPeer(leg)
         pending, self._toClient, self._toClientSize = self._toClient, None, 0
         for data in pending or ():
-            leg.transport.write(data)
+            leg.write(data)
         if outgoing is not None:
             outgoing.resumeReading(PAUSED_EARLY)
         if not self._runLifecycleHook("accepted"):
@@ -566,7 +566,7 @@ class Flow:
             return
         pending, self._toServer, self._toServerSize = self._toServer, None, 0
         for data in pending or ():
-            leg.transport.write(data)
+            leg.write(data)
         if accepted is not None:
             accepted.resumeReading(PAUSED_EARLY)
         if self._finToServer:
@@ -729,7 +729,7 @@ class Flow:
                 return
             if self._splice is not None:
                 self._splice.beforeWrite(True)
-            outgoing.transport.write(data)
+            outgoing.write(data)
             return
         if self._toServer is None:
             self._toServer = []
@@ -753,7 +753,7 @@ class Flow:
         if accepted is not None:
             if self._splice is not None:
                 self._splice.beforeWrite(False)
-            accepted.transport.write(data)
+            accepted.write(data)
             return
         # Not accepted yet (the outgoing leg connected at the SYN): hold the
         # bytes, within the same bound as those held for the server.

@@ -562,6 +562,115 @@ class RealSocketTests(unittest.TestCase):
         return defer.gatherResults([serverGot, clientGot, flowClosed]).addCallback(check)
 
 
+class WriteTests(unittest.TestCase):
+    """
+    L{Leg.write} sends at once on a TCP transport with nothing queued, and
+    otherwise leaves the bytes to the transport, in order.
+    """
+
+    timeout = 30
+
+    @defer.inlineCallbacks
+    def legAndPeer(self) -> Any:
+        """
+        A L{Leg} on the accepted side of a real loopback connection, and the
+        other side's non-blocking socket; both closed after the test.
+        """
+        from twisted.internet import reactor
+
+        made: defer.Deferred = defer.Deferred()
+
+        def build() -> Leg:
+            leg = Leg()
+            leg.flow = RecordingFlow()  # type: ignore[assignment]
+            reactor.callLater(0, made.callback, leg)
+            return leg
+
+        port = reactor.listenTCP(0, Factory.forProtocol(build), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        peer = socket.create_connection(("127.0.0.1", port.getHost().port))
+        self.addCleanup(peer.close)
+        peer.setblocking(False)
+        leg = yield made
+        self.addCleanup(lambda: leg.transport.connected and leg.transport.abortConnection())
+        return leg, peer
+
+    @defer.inlineCallbacks
+    def test_sendsAtOnce(self) -> Any:
+        """
+        With nothing queued, the bytes are in the peer's socket when
+        C{write} returns, before the reactor runs again.
+        """
+        leg, peer = yield self.legAndPeer()
+        leg.write(b"at once")
+        self.assertEqual(peer.recv(100), b"at once")
+        self.assertEqual(leg.transport._tempDataLen, 0)
+
+    @defer.inlineCallbacks
+    def test_queuedFirst(self) -> Any:
+        """
+        Bytes queued in the transport go first: what follows is queued
+        behind them, and the peer reads everything in order.
+        """
+        from tests.support import waitUntil
+
+        leg, peer = yield self.legAndPeer()
+        leg.transport.write(b"queued ")
+        leg.write(b"after")
+        with self.assertRaises(BlockingIOError):
+            peer.recv(100)
+        received = []
+
+        def arrived() -> bool:
+            try:
+                received.append(peer.recv(100))
+            except BlockingIOError:
+                pass
+            return b"".join(received) == b"queued after"
+
+        yield waitUntil(arrived, "the queued bytes, then the others")
+
+    @defer.inlineCallbacks
+    def test_kernelFull(self) -> Any:
+        """
+        What the kernel does not take is queued in the transport and
+        follows, byte-exact, when the peer reads.
+        """
+        from tests.support import waitUntil
+
+        leg, peer = yield self.legAndPeer()
+        leg.transport.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        data = bytes(range(256)) * 4096
+        leg.write(data)
+        self.assertGreater(leg.transport._tempDataLen, 0)
+        self.assertLess(leg.transport._tempDataLen, len(data))
+        received = bytearray()
+
+        def arrived() -> bool:
+            try:
+                while True:
+                    chunk = peer.recv(65536)
+                    if not chunk:
+                        break
+                    received.extend(chunk)
+            except BlockingIOError:
+                pass
+            return len(received) >= len(data)
+
+        yield waitUntil(arrived, "every byte")
+        self.assertEqual(bytes(received), data)
+
+    def test_otherTransports(self) -> None:
+        """
+        Any other transport (in memory, TLS) is written to as it is.
+        """
+        transport = TCPStringTransport()
+        leg = Leg()
+        leg.makeConnection(transport)
+        leg.write(b"through")
+        self.assertEqual(transport.value(), b"through")
+
+
 class SlotsTests(unittest.TestCase):
     """
     The legs and the outgoing leg's factory hold no C{__dict__}, and still
