@@ -187,6 +187,11 @@ def firstSyns(
     The SYNs to C{ports} in a capture, one per connection (not the
     retransmissions), in order.
 
+    A connection is its addresses and its initial sequence number, which
+    its retransmitted SYNs repeat: the client's port alone is not enough,
+    since the kernel may give a later connection to another of C{ports}
+    the same port.
+
     @return: C{(time in ns, source port)} of each.
     """
     seen, found = set(), []
@@ -197,11 +202,36 @@ def firstSyns(
             and segment is not None
             and segment.isSyn
             and segment.destination.port in ports
-            and segment.source not in seen
         ):
-            seen.add(segment.source)
-            found.append((packet.time, segment.source.port))
+            connection = (segment.source, segment.destination, segment.seq)
+            if connection not in seen:
+                seen.add(connection)
+                found.append((packet.time, segment.source.port))
     return found
+
+
+class FirstSynsTests(unittest.TestCase):
+    """
+    L{firstSyns} finds one SYN per connection.
+    """
+
+    def test_portReused(self) -> None:
+        """
+        The client's port may serve a later connection to another of the
+        ports: that is a connection of its own; a retransmitted SYN is
+        not.
+        """
+        from tests.test_evaluation import packet
+
+        packets = [
+            packet(100, False, "10.0.0.1", 5000, "10.0.1.2", 8081, SYN, seq=7),
+            packet(150, False, "10.0.0.1", 5000, "10.0.1.2", 8081, SYN, seq=7),
+            packet(300, False, "10.0.0.1", 5000, "10.0.1.2", 8082, SYN, seq=8),
+            packet(400, True, "10.0.0.1", 5001, "10.0.1.2", 8082, SYN, seq=9),
+        ]
+        self.assertEqual(
+            firstSyns(packets, False, {8081, 8082}), [(100, 5000), (300, 5000)]
+        )
 
 
 class EarlySynTimingTests(unittest.TestCase):
@@ -330,12 +360,12 @@ class EarlySynTimingTests(unittest.TestCase):
         self.assertEqual([f["bytes"] for f in flows], [RESPONSE] * total, "responses")
         arrived = firstSyns(self.clientSide.read(), False, set(PORTS.values()))
         left = firstSyns(self.serverSide.read(), True, {SERVER_PORT})
-        self.assertEqual(len(arrived), total, "client SYNs seen at p1")
-        self.assertEqual(len(left), total, "p1's SYNs to the server")
-        self.assertEqual([p for _, p in arrived], [f["port"] for f in flows])
         packets = self.atClient.read()
         drops = self.atClient.dropped + self.clientSide.dropped + self.serverSide.dropped
         self.assertEqual(drops, 0, "the captures lost packets")
+        self.assertEqual(len(arrived), total, "client SYNs seen at p1")
+        self.assertEqual(len(left), total, "p1's SYNs to the server")
+        self.assertEqual([p for _, p in arrived], [f["port"] for f in flows])
         results: dict[str, dict[str, list[float]]] = {
             mode: {"rtt": [], "ttfb": [], "clientTtfb": [], "synToSyn": []} for mode in modes
         }

@@ -638,8 +638,8 @@ class FromCSVTests(unittest.TestCase):
 
 
 def packet(time: int, outgoing: bool, src: str, sport: int, dst: str, dport: int, flags: int,
-           payload: bytes = b"") -> CapturedPacket:
-    return CapturedPacket(time, outgoing, ETH_P_IP, ipv4(src, dst, tcp(sport, dport, 1, flags, b"", payload)))
+           payload: bytes = b"", seq: int = 1) -> CapturedPacket:
+    return CapturedPacket(time, outgoing, ETH_P_IP, ipv4(src, dst, tcp(sport, dport, seq, flags, b"", payload)))
 
 
 class PacketsTests(unittest.TestCase):
@@ -671,6 +671,19 @@ class PacketsTests(unittest.TestCase):
         self.assertEqual([f.port for f in inOrder(flows)], [5000, 5001])
         self.assertEqual(synOrder(packets, 80, True), [(100, 5000), (400, 5001)])
         self.assertEqual(connections(packets, 80, outgoing=False), {})
+
+    def test_synOrderPortReused(self) -> None:
+        """
+        A later connection from a port used before (its own initial
+        sequence number) is a connection of its own; a retransmitted SYN
+        (the same number) is not.
+        """
+        packets = [
+            packet(100, True, "10.0.0.1", 5000, "10.0.1.2", 80, SYN, seq=7),
+            packet(150, True, "10.0.0.1", 5000, "10.0.1.2", 80, SYN, seq=7),
+            packet(900, True, "10.0.0.1", 5000, "10.0.1.2", 80, SYN, seq=90210),
+        ]
+        self.assertEqual(synOrder(packets, 80, True), [(100, 5000), (900, 5000)])
 
 
 class BreakdownTests(unittest.TestCase):

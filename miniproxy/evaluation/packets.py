@@ -107,7 +107,7 @@ def synOrder(packets: Iterable[CapturedPacket], port: int, outgoing: bool) -> li
 
     @return: C{(time in ns, source port)} of each.
     """
-    seen: set[int] = set()
+    seen: set[tuple[object, int]] = set()
     found = []
     for packet in packets:
         segment = packet.segment()
@@ -116,8 +116,12 @@ def synOrder(packets: Iterable[CapturedPacket], port: int, outgoing: bool) -> li
             and packet.outgoing == outgoing
             and segment.flags & (SYN | ACK | RST) == SYN
             and segment.destination.port == port
-            and segment.source.port not in seen
         ):
-            seen.add(segment.source.port)
-            found.append((packet.time, segment.source.port))
+            # A retransmitted SYN repeats its initial sequence number; a
+            # later connection from the same port (once the earlier one's
+            # TIME_WAIT is over) has another.
+            connection = (segment.source, segment.seq)
+            if connection not in seen:
+                seen.add(connection)
+                found.append((packet.time, segment.source.port))
     return found
