@@ -101,8 +101,15 @@ def _port(value: object, what: str) -> int:
     return port
 
 
-def _splitDescription(description: str) -> tuple[str, list[str], dict[str, str]]:
-    # Twisted endpoint syntax: "kind:pos1:pos2:key=value"; backslash escapes.
+def splitEndpointDescription(description: str) -> tuple[str, list[str], dict[str, str]]:
+    """
+    Split an endpoint description in Twisted's syntax,
+    C{"kind:pos1:pos2:key=value"}, where a backslash escapes the next
+    character (a C{:} within a value, say).
+
+    @return: The kind, the positional arguments and the keyword arguments
+        (the last of a repeated key wins).
+    """
     parts: list[str] = []
     current: list[str] = []
     escaped = False
@@ -204,7 +211,7 @@ class NextHop:
                 out.append("\\:")
             else:
                 out.append(ch)
-        kind, args, kwargs = _splitDescription("".join(out))
+        kind, args, kwargs = splitEndpointDescription("".join(out))
         where = f"bad next hop {description!r}"
         if kind not in ("tcp", "tls"):
             raise ConfigError(f"{where}: kind must be tcp or tls, not {kind!r}")

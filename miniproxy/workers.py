@@ -90,6 +90,7 @@ from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.internet.protocol import ProcessProtocol, Protocol
 from twisted.logger import Logger
 
+from miniproxy.address import splitEndpointDescription
 from miniproxy.errors import ConfigError
 from miniproxy.syntap import steeringInstructions, workerOf
 
@@ -176,24 +177,6 @@ def attachSteering(sock: socket.socket, workers: int) -> None:
     sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_REUSEPORT_CBPF, fprog)
 
 
-def _splitDescription(description: str) -> list[str]:
-    # Twisted's endpoint syntax: ':' separates, '\' escapes.
-    parts, current, escaped = [], [], False
-    for char in description:
-        if escaped:
-            current.append(char)
-            escaped = False
-        elif char == "\\":
-            escaped = True
-        elif char == ":":
-            parts.append("".join(current))
-            current = []
-        else:
-            current.append(char)
-    parts.append("".join(current))
-    return parts
-
-
 def parseListenDescription(description: str) -> tuple[str, str, int, int | None]:
     """
     Read a C{tcp}, C{tcp6} or C{tproxy} server endpoint description.
@@ -202,14 +185,12 @@ def parseListenDescription(description: str) -> tuple[str, str, int, int | None]
         when the description gives none.
     @raise ConfigError: If it is of another kind or malformed.
     """
-    kind, *rest = _splitDescription(description)
+    kind, positional, keywords = splitEndpointDescription(description)
     if kind not in SHARED_KINDS:
         raise ConfigError(
             f"listen {description!r}: with workers, a listener must be one of "
             f"{', '.join(SHARED_KINDS)}"
         )
-    positional = [part for part in rest if "=" not in part]
-    keywords = dict(part.split("=", 1) for part in rest if "=" in part)
     unknown = set(keywords) - {"port", "interface", "backlog"}
     if unknown or len(positional) > 1 or (positional and "port" in keywords):
         raise ConfigError(f"listen {description!r}: cannot be shared by workers")

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.trial import unittest
 
-from miniproxy.address import HostPort, NextHop
+from miniproxy.address import HostPort, NextHop, splitEndpointDescription
 from miniproxy.errors import ConfigError
 
 ports = st.integers(min_value=1, max_value=65535)
@@ -51,6 +51,31 @@ class HostPortTests(unittest.TestCase):
             HostPort("10.1.2.3", 1).ipAddress(), ipaddress.ip_address("10.1.2.3")
         )
         self.assertIsNone(HostPort("example.com", 1).ipAddress())
+
+
+class SplitEndpointDescriptionTests(unittest.TestCase):
+    """
+    L{splitEndpointDescription} reads Twisted's endpoint syntax.
+    """
+
+    def test_split(self) -> None:
+        self.assertEqual(
+            splitEndpointDescription("tcp:8080:interface=\\:\\:1:backlog=5:backlog=9"),
+            ("tcp", ["8080"], {"interface": "::1", "backlog": "9"}),
+        )
+        self.assertEqual(splitEndpointDescription("unix"), ("unix", [], {}))
+
+    @given(st.lists(st.text(alphabet="ab:=\\", max_size=6), min_size=1, max_size=4))
+    def test_escapedParts(self, values: list[str]) -> None:
+        """
+        Positional parts with every C{:} and C{\\} escaped come back as
+        they were.
+        """
+        values = [v for v in values if "=" not in v]
+        escaped = [v.replace("\\", "\\\\").replace(":", "\\:") for v in values]
+        self.assertEqual(
+            splitEndpointDescription(":".join(["kind"] + escaped)), ("kind", values, {})
+        )
 
 
 class NextHopTests(unittest.TestCase):
