@@ -8,7 +8,6 @@ from __future__ import annotations
 import io
 import os
 import re
-import select
 import signal
 import socket
 import statistics
@@ -35,6 +34,7 @@ from miniproxy.testbed.topology import (
     SERVER_SIDE,
     LineTopology,
     Link,
+    _waitForExit,
 )
 from tests.test_delayline import SINK, pingTimes, startHelper
 
@@ -64,20 +64,6 @@ def needNamespaces() -> None:
     reason = namespacesUnavailable(tools=("ip", "nft"))
     if reason is not None:
         raise unittest.SkipTest(reason)
-
-
-def waitForExit(pid: int, timeout: float = WAIT) -> bool:
-    """
-    Wait until process C{pid} (not necessarily a child) is gone.
-    """
-    try:
-        fd = os.pidfd_open(pid)
-    except ProcessLookupError:
-        return True
-    try:
-        return bool(select.select([fd], [], [], timeout)[0])
-    finally:
-        os.close(fd)
 
 
 class DescriptionTests(unittest.TestCase):
@@ -342,7 +328,7 @@ class LineTests(unittest.TestCase):
         self.assertEqual(len(forwarders), 2)
         process.kill()
         process.wait()
-        self.assertTrue(all(waitForExit(pid) for pid in forwarders))
+        self.assertTrue(all(_waitForExit(pid, WAIT) for pid in forwarders))
         out = io.StringIO()
         self.assertEqual(topology.main(["down", prefix], out=out), 0)
         self.assertEqual(
