@@ -14,7 +14,6 @@ import sys
 from typing import Any
 
 from twisted.internet import defer, task
-from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
 from twisted.trial import unittest
@@ -31,6 +30,7 @@ from miniproxy.workers import (
     processStats,
 )
 from tests.support import TEST_TIMEOUT, Network, waitUntil, withTimeout
+from tests.test_twistd import Child as TwistdChild
 
 #: The repository's root, which a twistd subprocess needs on PYTHONPATH.
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -429,49 +429,17 @@ class SupervisionTests(unittest.TestCase):
         self.assertGreater(totals["rss"], 0)
 
 
-class Child(ProcessProtocol):
+class Child(TwistdChild):
     """
-    A twistd subprocess: its output, waiting for a line, its end.
+    A twistd subprocess running workers: its output, waiting for a line,
+    its end (see L{TwistdChild}), the pids of its group, and signals.
     """
 
     def __init__(self) -> None:
-        self.output = b""
-        self.ended: defer.Deferred = defer.Deferred()
-        self.reason: Failure | None = None
+        super().__init__("twistd")
         self.pids: list[int] = []
-        self._waiters: list[tuple[re.Pattern[bytes], int, defer.Deferred]] = []
 
-    def connectionMade(self) -> None:
-        self.transport.closeStdin()  # type: ignore[union-attr]
-
-    def childDataReceived(self, childFD: int, data: bytes) -> None:
-        self.output += data
-        waiting, self._waiters = self._waiters, []
-        for pattern, count, d in waiting:
-            found = list(pattern.finditer(self.output))
-            if len(found) >= count:
-                d.callback(found[:count])
-            else:
-                self._waiters.append((pattern, count, d))
-
-    def waitFor(self, pattern: re.Pattern[bytes], count: int = 1, timeout: float = 20) -> defer.Deferred:
-        """
-        @return: A L{defer.Deferred} firing with the first C{count} matches
-            of C{pattern} once the output has them.
-        """
-        d: defer.Deferred = defer.Deferred()
-        self._waiters.append((pattern, count, d))
-        self.childDataReceived(1, b"")
-        return withTimeout(d, timeout, f"{pattern.pattern!r} in:\n{self.output.decode()}")
-
-    def processEnded(self, reason: Failure) -> None:
-        self.reason = reason
-        waiting, self._waiters = self._waiters, []
-        for _, _, d in waiting:
-            d.errback(AssertionError(f"twistd ended:\n{self.output.decode()}"))
-        self.ended.callback(self)
-
-    def signal(self, number: int) -> None:
+    def sendSignal(self, number: int) -> None:
         """
         Send a signal if it runs.
         """
@@ -539,11 +507,11 @@ class TwistdWorkersTests(unittest.TestCase):
         Stop the group, and wait until its workers are gone too.
         """
         if not child.ended.called:
-            child.signal(signal.SIGTERM)
+            child.sendSignal(signal.SIGTERM)
             try:
                 yield withTimeout(child.ended, 20, "twistd to stop")
             except AssertionError:
-                child.signal(signal.SIGKILL)
+                child.sendSignal(signal.SIGKILL)
                 yield child.ended
         yield self.noWorkersLeft(child.pids)
 
@@ -581,7 +549,7 @@ class TwistdWorkersTests(unittest.TestCase):
         seen = 0
         deadline = self.reactor.seconds() + 20
         while True:
-            child.signal(signal.SIGUSR1)
+            child.sendSignal(signal.SIGUSR1)
             seen += 1
             [*_, match] = yield child.waitFor(REPORT, seen)
             if int(match.group("closed")) >= closed or self.reactor.seconds() > deadline:
@@ -676,7 +644,7 @@ class TwistdWorkersTests(unittest.TestCase):
         SIGTERM to the parent stops the workers, then the parent.
         """
         child, port, pids = yield self.startGroup()
-        child.signal(signal.SIGTERM)
+        child.sendSignal(signal.SIGTERM)
         yield withTimeout(child.ended, 20, "twistd to stop")
         self.assertEqual(child.output.count(b"Received SIGTERM"), 3)
         yield self.noWorkersLeft(pids)
@@ -690,7 +658,7 @@ class TwistdWorkersTests(unittest.TestCase):
         input end, and stop.
         """
         child, port, pids = yield self.startGroup()
-        child.signal(signal.SIGKILL)
+        child.sendSignal(signal.SIGKILL)
         yield child.ended
         yield self.noWorkersLeft(pids)
 
@@ -710,4 +678,4 @@ class TwistdWorkersTests(unittest.TestCase):
         yield withTimeout(child.ended, 20, "twistd to fail")
         self.assertIn(b"must be one of tcp, tcp6, tproxy", child.output)
         self.assertNotIn(b"Traceback", child.output)
-        self.assertNotEqual(child.reason.value.exitCode, 0)
+        self.assertNotEqual(child.exitCode, 0)
