@@ -40,9 +40,11 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.trial import unittest
 
+from miniproxy.evaluation.packets import synOrder
+from miniproxy.evaluation.runner import rawTcpSockets
 from miniproxy.testbed.capture import CapturedPacket, PacketCapture, synFilter
 from miniproxy.testbed.delayline import DEFAULT_REALTIME, readLine
-from miniproxy.testbed.netns import Namespace, NetnsError, namespacesUnavailable, pollUntil
+from miniproxy.testbed.netns import NetnsError, namespacesUnavailable, pollUntil
 from miniproxy.testbed.topology import CLIENT_SIDE, SERVER_SIDE, LineTopology
 from miniproxy.wire.packet import ACK, SYN
 from tests.test_delayline import closePipes, startHelper
@@ -169,71 +171,6 @@ def prioritise(pid: int) -> None:
         os.setpriority(os.PRIO_PROCESS, pid, -10)
 
 
-def rawTcpSockets(namespace: Namespace) -> int:
-    """
-    How many raw TCP sockets are open in a namespace (the SYN tap is one).
-    """
-    with namespace.entered():
-        with open("/proc/thread-self/net/raw") as f:
-            lines = f.read().splitlines()[1:]
-    # local_address is ADDRESS:PROTOCOL for raw sockets; TCP is 6.
-    return sum(1 for line in lines if line.split()[1].endswith(":0006"))
-
-
-def firstSyns(
-    packets: list[CapturedPacket], outgoing: bool, ports: set[int]
-) -> list[tuple[int, int]]:
-    """
-    The SYNs to C{ports} in a capture, one per connection (not the
-    retransmissions), in order.
-
-    A connection is its addresses and its initial sequence number, which
-    its retransmitted SYNs repeat: the client's port alone is not enough,
-    since the kernel may give a later connection to another of C{ports}
-    the same port.
-
-    @return: C{(time in ns, source port)} of each.
-    """
-    seen, found = set(), []
-    for packet in packets:
-        segment = packet.segment()
-        if (
-            packet.outgoing == outgoing
-            and segment is not None
-            and segment.isSyn
-            and segment.destination.port in ports
-        ):
-            connection = (segment.source, segment.destination, segment.seq)
-            if connection not in seen:
-                seen.add(connection)
-                found.append((packet.time, segment.source.port))
-    return found
-
-
-class FirstSynsTests(unittest.TestCase):
-    """
-    L{firstSyns} finds one SYN per connection.
-    """
-
-    def test_portReused(self) -> None:
-        """
-        The client's port may serve a later connection to another of the
-        ports: that is a connection of its own; a retransmitted SYN is
-        not.
-        """
-        from tests.test_evaluation import packet
-
-        packets = [
-            packet(100, False, "10.0.0.1", 5000, "10.0.1.2", 8081, SYN, seq=7),
-            packet(150, False, "10.0.0.1", 5000, "10.0.1.2", 8081, SYN, seq=7),
-            packet(300, False, "10.0.0.1", 5000, "10.0.1.2", 8082, SYN, seq=8),
-            packet(400, True, "10.0.0.1", 5001, "10.0.1.2", 8082, SYN, seq=9),
-        ]
-        self.assertEqual(
-            firstSyns(packets, False, {8081, 8082}), [(100, 5000), (300, 5000)]
-        )
-
-
 class EarlySynTimingTests(unittest.TestCase):
     """
     C{twistd miniproxy --mode early} against C{--mode accept}, in p1 of a
@@ -358,8 +295,8 @@ class EarlySynTimingTests(unittest.TestCase):
         total = len(modes) * (WARM_UP + FLOWS)
         flows = json.loads(readLine(client.stdout, time.monotonic() + total * WAIT))
         self.assertEqual([f["bytes"] for f in flows], [RESPONSE] * total, "responses")
-        arrived = firstSyns(self.clientSide.read(), False, set(PORTS.values()))
-        left = firstSyns(self.serverSide.read(), True, {SERVER_PORT})
+        arrived = synOrder(self.clientSide.read(), set(PORTS.values()), False)
+        left = synOrder(self.serverSide.read(), {SERVER_PORT}, True)
         packets = self.atClient.read()
         drops = self.atClient.dropped + self.clientSide.dropped + self.serverSide.dropped
         self.assertEqual(drops, 0, "the captures lost packets")

@@ -669,21 +669,25 @@ class PacketsTests(unittest.TestCase):
         fastOpen = flows[5001]
         self.assertEqual((fastOpen.synData, fastOpen.request), (100, 400))
         self.assertEqual([f.port for f in inOrder(flows)], [5000, 5001])
-        self.assertEqual(synOrder(packets, 80, True), [(100, 5000), (400, 5001)])
+        self.assertEqual(synOrder(packets, {80}, True), [(100, 5000), (400, 5001)])
         self.assertEqual(connections(packets, 80, outgoing=False), {})
 
     def test_synOrderPortReused(self) -> None:
         """
         A later connection from a port used before (its own initial
-        sequence number) is a connection of its own; a retransmitted SYN
-        (the same number) is not.
+        sequence number, or another of the ports) is a connection of its
+        own; a retransmitted SYN (the same number) is not.
         """
         packets = [
             packet(100, True, "10.0.0.1", 5000, "10.0.1.2", 80, SYN, seq=7),
             packet(150, True, "10.0.0.1", 5000, "10.0.1.2", 80, SYN, seq=7),
+            packet(300, True, "10.0.0.1", 5000, "10.0.1.2", 81, SYN, seq=7),
             packet(900, True, "10.0.0.1", 5000, "10.0.1.2", 80, SYN, seq=90210),
         ]
-        self.assertEqual(synOrder(packets, 80, True), [(100, 5000), (900, 5000)])
+        self.assertEqual(synOrder(packets, {80}, True), [(100, 5000), (900, 5000)])
+        self.assertEqual(
+            synOrder(packets, {80, 81}, True), [(100, 5000), (300, 5000), (900, 5000)]
+        )
 
 
 class BreakdownTests(unittest.TestCase):

@@ -11,7 +11,7 @@ program saw.
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Collection, Iterable
 
 from attrs import define
 
@@ -100,14 +100,21 @@ def inOrder(flows: dict[int, WireFlow]) -> list[WireFlow]:
     return sorted((f for f in flows.values() if f.syn is not None), key=lambda f: f.syn or 0)
 
 
-def synOrder(packets: Iterable[CapturedPacket], port: int, outgoing: bool) -> list[tuple[int, int]]:
+def synOrder(
+    packets: Iterable[CapturedPacket], ports: Collection[int], outgoing: bool
+) -> list[tuple[int, int]]:
     """
-    The first SYN of each connection to C{port} on a device, in order (not
-    the retransmissions).
+    The first SYN of each connection to one of C{ports} on a device, in
+    order (not the retransmissions).
+
+    A connection is its addresses and its initial sequence number, which
+    its retransmitted SYNs repeat: the client's port alone is not enough,
+    since a later connection may have the same one (to another of
+    C{ports}, or once the earlier one's TIME_WAIT is over).
 
     @return: C{(time in ns, source port)} of each.
     """
-    seen: set[tuple[object, int]] = set()
+    seen: set[tuple[object, object, int]] = set()
     found = []
     for packet in packets:
         segment = packet.segment()
@@ -115,12 +122,9 @@ def synOrder(packets: Iterable[CapturedPacket], port: int, outgoing: bool) -> li
             segment is not None
             and packet.outgoing == outgoing
             and segment.flags & (SYN | ACK | RST) == SYN
-            and segment.destination.port == port
+            and segment.destination.port in ports
         ):
-            # A retransmitted SYN repeats its initial sequence number; a
-            # later connection from the same port (once the earlier one's
-            # TIME_WAIT is over) has another.
-            connection = (segment.source, segment.seq)
+            connection = (segment.source, segment.destination, segment.seq)
             if connection not in seen:
                 seen.add(connection)
                 found.append((packet.time, segment.source.port))
