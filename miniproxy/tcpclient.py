@@ -18,6 +18,7 @@ at once (see L{miniproxy.connect}).
 
 from __future__ import annotations
 
+import os
 import socket
 from errno import EALREADY, EINPROGRESS, EISCONN, EWOULDBLOCK
 from typing import Any, Callable, Sequence
@@ -234,7 +235,7 @@ class _TunedClient(tcp.Client):
     # of its own, and one more past 21 costs each connection its share of
     # the class's dict keys (some 600 bytes).
 
-    def _finishInit(self, whenDone: Any, skt: Any, error: Any, reactor: Any) -> None:
+    def _finishInit(self, whenDone: Any, skt: Any, err: Any, reactor: Any) -> None:
         # Twisted calls connect() in the next reactor iteration, so that
         # nothing happens before connectTCP returns.  An early leg's SYN
         # should leave now: the SYN that began the flow is still being
@@ -250,15 +251,12 @@ class _TunedClient(tcp.Client):
             if result not in _CONNECT_UNDER_WAY:
                 # Fail in the next iteration, as Twisted would; the socket
                 # is not used again.
-                from twisted.internet.error import getConnectError
-                from os import strerror
-
                 super()._finishInit(
-                    None, skt, getConnectError((result, strerror(result))), reactor
+                    None, skt, error.getConnectError((result, os.strerror(result))), reactor
                 )
                 skt.close()
                 return
-        super()._finishInit(whenDone, skt, error, reactor)
+        super()._finishInit(whenDone, skt, err, reactor)
 
     def _connectDone(self) -> None:
         super()._connectDone()
