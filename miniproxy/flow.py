@@ -298,6 +298,14 @@ def _outgoingLegFactory() -> Any:
     return _OutgoingLegFactory
 
 
+def buffered(transport: Any) -> int:
+    """
+    The bytes a Twisted TCP transport holds in userspace, not yet written
+    to its socket.
+    """
+    return len(transport.dataBuffer) - transport.offset + transport._tempDataLen
+
+
 def resetTransport(transport: Any) -> None:
     """
     Abort a transport with C{SO_LINGER} 0, so that the kernel sends a RST

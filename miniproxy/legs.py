@@ -33,7 +33,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from miniproxy.address import HostPort
-from miniproxy.flow import PAUSED_BY_PEER, Flow, Moment, resetTransport
+from miniproxy.flow import PAUSED_BY_PEER, Flow, Moment, buffered, resetTransport
 from miniproxy.tcpclient import HANDSHAKE_POLL, handshakePending, usesFastOpen
 
 if TYPE_CHECKING:
@@ -177,8 +177,7 @@ class Leg:
         transport = self.transport
         if (
             self._sendsAtOnce
-            and not transport._tempDataLen
-            and transport.offset >= len(transport.dataBuffer)
+            and not buffered(transport)
             and transport.connected
             and not transport.disconnecting
             and not transport._writeDisconnected

@@ -62,7 +62,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from twisted.internet import main, tcp
 from twisted.logger import Logger
 
-from miniproxy.flow import PAUSED_SPLICE
+from miniproxy.flow import PAUSED_SPLICE, buffered
 
 if TYPE_CHECKING:
     from miniproxy.flow import Flow
@@ -169,14 +169,6 @@ def spliceable(transport: object) -> bool:
         and _own(transport, "doRead")
         and _own(transport, "doWrite")
     )
-
-
-def buffered(transport: Any) -> int:
-    """
-    The bytes a Twisted transport holds in userspace, not yet written to
-    its socket.
-    """
-    return len(transport.dataBuffer) - transport.offset + transport._tempDataLen
 
 
 class _Direction:
@@ -330,7 +322,7 @@ class _Direction:
         if sink._writeDisconnecting or not sink.connected:
             # A sink being closed is the userspace relay's business.
             return self._read()
-        if sink._tempDataLen or len(sink.dataBuffer) > sink.offset:
+        if buffered(sink):
             # What the sink's transport holds goes first (the bytes a
             # direction relayed before it switched, or bytes the flow
             # wrote): read again once it is written.
