@@ -438,6 +438,10 @@ def _socat(listenPort: int, backendPort: int, workdir: Path) -> list[str]:
 TWISTD = (sys.executable, "-c", "from twisted.scripts.twistd import run; run()")
 
 
+def _pyfloor(listenPort: int, backendPort: int, workdir: Path) -> list[str]:
+    return [sys.executable, "-S", "-m", "benchmarks.pyfloor", str(listenPort), str(backendPort)]
+
+
 def _portforward(listenPort: int, backendPort: int, workdir: Path) -> list[str]:
     return [
         *TWISTD,
@@ -512,6 +516,13 @@ HAPROXY_SPLICE = Peer(
 )
 SOCAT = Peer("socat", "socat (fork)", _socat, needs=("socat",))
 PORTFORWARD = Peer("portforward", "Twisted portforward", _portforward)
+PYFLOOR = Peer(
+    "pyfloor",
+    "CPython floor (bare epoll relay)",
+    _pyfloor,
+    env={"PYTHONPATH": str(REPO)},
+    measures=("throughput", "simultaneous", "shortFlows", "idleMemory", "coldStart"),
+)
 MINIPROXY_ACCEPT = Peer(
     "miniproxy-accept",
     "miniproxy --mode accept",
@@ -568,6 +579,7 @@ PEERS: tuple[Peer, ...] = (
     HAPROXY_SPLICE,
     SOCAT,
     PORTFORWARD,
+    PYFLOOR,
     MINIPROXY_ACCEPT,
     MINIPROXY_EARLY,
     MINIPROXY_LEAN,

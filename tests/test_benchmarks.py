@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
+import socket
+import threading
 from pathlib import Path
 
 from twisted.trial import unittest
 
-from benchmarks import measure, native, peers, profile, report, run
+from benchmarks import measure, native, peers, profile, pyfloor, report, run
 
 
 class ParsingTests(unittest.TestCase):
@@ -236,3 +239,80 @@ class SmokeTests(unittest.TestCase):
         self.assertTrue(text.endswith(f"{report.END}\noutro\n"))
         self.assertNotIn("\nold\n", text)
         self.assertIn("| HAProxy (1 thread) |", text)
+
+
+def _readAll(sock: socket.socket) -> bytes:
+    chunks = []
+    while True:
+        data = sock.recv(65536)
+        if not data:
+            return b"".join(chunks)
+        chunks.append(data)
+
+
+class FloorRelayTests(unittest.TestCase):
+    """
+    L{pyfloor.FloorRelay}, the CPython floor peer, relays exactly, with
+    backpressure and half-close, on real loopback sockets.
+    """
+
+    def _listener(self) -> socket.socket:
+        sock = socket.socket()
+        self.addCleanup(sock.close)
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(16)
+        sock.settimeout(30)
+        return sock
+
+    def _relay(self) -> tuple[pyfloor.FloorRelay, int, socket.socket]:
+        backend = self._listener()
+        relay = pyfloor.FloorRelay(self._listener(), backend.getsockname())
+        thread = threading.Thread(target=relay.run)
+        thread.start()
+
+        def stop() -> None:
+            relay.stop()
+            thread.join(30)
+
+        self.addCleanup(stop)
+        return relay, relay.listener.getsockname()[1], backend
+
+    def test_bothWaysWithHalfClose(self) -> None:
+        """
+        Several megabytes go each way, byte-exact; the client's FIN reaches
+        the backend after the last byte, the backend's reply follows it, and
+        the backend's close ends the client's stream.  Afterwards the relay
+        holds no socket of the flow.
+        """
+        relay, port, backend = self._relay()
+        request, reply = os.urandom(3_000_001), os.urandom(2_000_003)
+        received: dict[str, bytes] = {}
+
+        def serve() -> None:
+            conn, _ = backend.accept()
+            with conn:
+                conn.settimeout(30)
+                received["request"] = _readAll(conn)
+                conn.sendall(reply)
+
+        server = threading.Thread(target=serve)
+        server.start()
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as client:
+            client.sendall(request)
+            client.shutdown(socket.SHUT_WR)
+            answer = _readAll(client)
+        server.join(30)
+        self.assertEqual(received["request"], request)
+        self.assertEqual(answer, reply)
+        self.assertEqual(relay.ends, {})
+
+    def test_refusedBackend(self) -> None:
+        """
+        A flow whose backend refuses the connection is closed at once, and
+        both of its sockets are let go.
+        """
+        relay, port, backend = self._relay()
+        backend.close()
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as client:
+            self.assertEqual(_readAll(client), b"")
+        self.assertEqual(relay.ends, {})
