@@ -30,6 +30,7 @@ from twisted.logger import Logger
 
 from miniproxy.address import HostPort
 from miniproxy.nfqueue import NetfilterQueue
+from miniproxy.processes import processAlive
 from miniproxy.wire import tcpoption
 from miniproxy.wire.errors import MalformedInput
 from miniproxy.wire.packet import addTCPOption, parseIP
@@ -56,16 +57,6 @@ def _canonical(host: str) -> str:
 
 # The shared emitters, by reactor (weakly: a dead reactor takes its
 # emitters with it) and queue.
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 _shared: "weakref.WeakKeyDictionary[Any, dict[int, OptionEmitter]]" = weakref.WeakKeyDictionary()
 
 
@@ -163,7 +154,7 @@ class OptionEmitter:
             if match is None or not line.startswith("-A OUTPUT"):
                 continue
             pid = int(match.group(1))
-            if pid == os.getpid() or _alive(pid):
+            if pid == os.getpid() or processAlive(pid):
                 continue
             self._run([tool, "-t", "mangle", "-D", *shlex.split(line)[1:]], capture_output=True, text=True)
             removed += 1

@@ -48,6 +48,8 @@ import subprocess
 import sys
 from typing import IO, Any, Callable, Iterable, Iterator, Mapping, Sequence
 
+from miniproxy.processes import processAlive
+
 #: Where C{ip netns} keeps its named namespaces.
 NETNS_DIR = "/run/netns"
 #: The C{clone(2)} flag of network namespaces, for C{setns(2)}.
@@ -261,16 +263,6 @@ def deleteNamespace(name: str) -> bool:
     return True
 
 
-def _pidAlive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def cleanupStale(prefix: str | None = None) -> list[str]:
     """
     Delete namespaces left behind by runs that did not tear down.
@@ -286,7 +278,7 @@ def cleanupStale(prefix: str | None = None) -> list[str]:
             stale = name.startswith(prefix)
         else:
             match = PREFIX_PATTERN.match(name)
-            stale = match is not None and not _pidAlive(int(match.group(1)))
+            stale = match is not None and not processAlive(int(match.group(1)))
         if stale and deleteNamespace(name):
             deleted.append(name)
     return deleted
