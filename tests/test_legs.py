@@ -5,6 +5,7 @@ half-closing and closing, and their factories.
 
 from __future__ import annotations
 
+import errno
 import socket
 import struct
 from typing import Any
@@ -562,16 +563,16 @@ class RealSocketTests(unittest.TestCase):
         return defer.gatherResults([serverGot, clientGot, flowClosed]).addCallback(check)
 
 
-class WriteTests(unittest.TestCase):
+class LoopbackLegMixin:
     """
-    L{Leg.write} sends at once on a TCP transport with nothing queued, and
-    otherwise leaves the bytes to the transport, in order.
+    A leg on a real loopback connection, for the tests of what it does at
+    once.
     """
 
     timeout = 30
 
     @defer.inlineCallbacks
-    def legAndPeer(self) -> Any:
+    def legAndPeer(self, cls: type[Leg] = Leg) -> Any:
         """
         A L{Leg} on the accepted side of a real loopback connection, and the
         other side's non-blocking socket; both closed after the test.
@@ -581,7 +582,7 @@ class WriteTests(unittest.TestCase):
         made: defer.Deferred = defer.Deferred()
 
         def build() -> Leg:
-            leg = Leg()
+            leg = cls()
             leg.flow = RecordingFlow()  # type: ignore[assignment]
             reactor.callLater(0, made.callback, leg)
             return leg
@@ -594,6 +595,13 @@ class WriteTests(unittest.TestCase):
         leg = yield made
         self.addCleanup(lambda: leg.transport.connected and leg.transport.abortConnection())
         return leg, peer
+
+
+class WriteTests(LoopbackLegMixin, unittest.TestCase):
+    """
+    L{Leg.write} sends at once on a TCP transport with nothing queued, and
+    otherwise leaves the bytes to the transport, in order.
+    """
 
     @defer.inlineCallbacks
     def test_sendsAtOnce(self) -> Any:
@@ -669,6 +677,170 @@ class WriteTests(unittest.TestCase):
         leg.makeConnection(transport)
         leg.write(b"through")
         self.assertEqual(transport.value(), b"through")
+
+
+def readAll(peer: socket.socket) -> tuple[bytes, bool]:
+    """
+    What a non-blocking socket has to read now, and whether its end of
+    file came.
+    """
+    chunks = []
+    while True:
+        try:
+            chunk = peer.recv(65536)
+        except BlockingIOError:
+            return b"".join(chunks), False
+        if not chunk:
+            return b"".join(chunks), True
+        chunks.append(chunk)
+
+
+class CountingLeg(Leg):
+    """
+    A leg that counts the ends of its write side and keeps what it reads.
+    """
+
+    __slots__ = ("writeLost", "received")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writeLost = 0
+        self.received: list[bytes] = []
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received.append(data)
+
+    def writeConnectionLost(self) -> None:
+        self.writeLost += 1
+        super().writeConnectionLost()
+
+
+class FinTests(LoopbackLegMixin, unittest.TestCase):
+    """
+    L{Leg.shutdownWrite} sends the FIN at once on a TCP transport with
+    nothing to write (L{halfCloseNow}), and otherwise leaves it to the
+    transport, after its bytes.
+    """
+
+    @defer.inlineCallbacks
+    def test_finAtOnce(self) -> Any:
+        """
+        With nothing queued, the peer reads the end of file when
+        C{shutdownWrite} returns, before the reactor runs again; the leg
+        learns that its write side is closed once, and the transport does
+        not wait to be writable.
+        """
+        from twisted.internet import reactor
+
+        from tests.support import waitUntil
+
+        leg, peer = yield self.legAndPeer(CountingLeg)
+        leg.shutdownWrite()
+        self.assertEqual(readAll(peer), (b"", True))
+        self.assertEqual(leg.writeLost, 1)
+        self.assertTrue(leg.transport._writeDisconnected)
+        self.assertNotIn(leg.transport, reactor.getWriters())
+        # The leg still reads: a half-close, not a close.
+        peer.sendall(b"still open")
+        yield waitUntil(lambda: leg.received == [b"still open"], "the peer's bytes")
+        self.assertEqual(leg.writeLost, 1)
+        self.assertFalse(leg.disconnected)
+
+    @defer.inlineCallbacks
+    def test_finAfterBytes(self) -> Any:
+        """
+        Bytes queued in the transport go first: the FIN waits for the
+        reactor to write them, and follows them.
+        """
+        from tests.support import waitUntil
+
+        leg, peer = yield self.legAndPeer()
+        leg.transport.write(b"queued")
+        leg.shutdownWrite()
+        self.assertEqual(readAll(peer), (b"", False))
+        self.assertFalse(leg.writeClosed)
+        got = bytearray()
+
+        def ended() -> bool:
+            data, eof = readAll(peer)
+            got.extend(data)
+            return eof
+
+        yield waitUntil(ended, "the bytes, then the FIN")
+        self.assertEqual(bytes(got), b"queued")
+        self.assertTrue(leg.writeClosed)
+
+    @defer.inlineCallbacks
+    def test_replacedDoWrite(self) -> Any:
+        """
+        A transport whose C{doWrite} somebody replaced (a splice direction
+        draining its pipe) gets its FIN from that C{doWrite}, not at once.
+        """
+        from tests.support import waitUntil
+
+        leg, peer = yield self.legAndPeer()
+        transport = leg.transport
+        calls = []
+
+        def doWrite() -> Any:
+            calls.append(True)
+            return type(transport).doWrite(transport)
+
+        transport.doWrite = doWrite
+        leg.shutdownWrite()
+        self.assertEqual(readAll(peer), (b"", False))
+        yield waitUntil(lambda: readAll(peer)[1], "the FIN")
+        self.assertTrue(calls)
+        self.assertTrue(leg.writeClosed)
+
+    @defer.inlineCallbacks
+    def test_closesOnce(self) -> Any:
+        """
+        A leg whose peer already sent its FIN closes within
+        C{shutdownWrite}: the flow hears of it once, cleanly, and the
+        socket is closed.
+        """
+        from twisted.internet import task
+
+        leg, peer = yield self.legAndPeer()
+        transport = leg.transport
+        sock = transport.socket
+        leg.readClosed = True
+        leg.shutdownWrite()
+        self.assertEqual(leg.flow.events, [("legLost", error.ConnectionDone)])
+        self.assertTrue(leg.disconnected)
+        self.assertFalse(transport.connected)
+        self.assertEqual(sock.fileno(), -1)
+        self.assertEqual(readAll(peer), (b"", True))
+        # Nothing more comes from the reactor.
+        from twisted.internet import reactor
+
+        yield task.deferLater(reactor, 0, lambda: None)
+        self.assertEqual(leg.flow.events, [("legLost", error.ConnectionDone)])
+        leg.shutdownWrite()
+        leg.loseConnection()
+        self.assertEqual(leg.flow.events, [("legLost", error.ConnectionDone)])
+
+    @defer.inlineCallbacks
+    def test_peerReset(self) -> Any:
+        """
+        A FIN on a connection the peer reset fails in C{shutdown}
+        (C{ENOTCONN}): as Twisted does, the error is ignored and the write
+        side counts as closed; the reset is then read, and the flow hears
+        of it once.
+        """
+        from tests.support import waitUntil
+
+        leg, peer = yield self.legAndPeer()
+        peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        peer.close()
+        with self.assertRaises(OSError) as raised:
+            leg.transport.socket.shutdown(socket.SHUT_WR)
+        self.assertEqual(raised.exception.errno, errno.ENOTCONN)
+        leg.shutdownWrite()
+        self.assertTrue(leg.writeClosed)
+        yield waitUntil(lambda: leg.flow.events, "the reset")
+        self.assertEqual(leg.flow.events, [("legLost", error.ConnectionLost)])
 
 
 class SlotsTests(unittest.TestCase):
