@@ -665,6 +665,63 @@ def newListener(bench: Bench, runs: int = 20) -> dict[str, Any]:
         bench.stop(backend)
 
 
+def controlAdd(bench: Bench, peer: Peer, runs: int = 20,
+               timeout: float = 20.0) -> dict[str, Any]:
+    """
+    A listener added to a running C{peer} (miniproxy, with C{--control
+    unix:PATH} added to its options) from outside: from the exec of the
+    control client (C{python -m miniproxy.ctl add}, on the proxy core) to
+    the first byte relayed through the new listener from a backend that
+    sends one on accept, in ms; C{runs} runs, each listener removed after
+    its run.  The figure to set beside a cold start of a new process.
+
+    @return: C{medianMs}, C{minMs}, C{maxMs} and every run (C{runsMs}).
+    """
+    socketPath = bench.workdir / "control.sock"
+    build = peer.build
+    assert build is not None
+    controlled = evolve(peer, build=lambda listen, backend, workdir: [
+        *build(listen, backend, workdir), "--control", f"unix:{socketPath}"])
+    backend, backendPort = bench.backend(greet=1)
+    env = peer.environment()
+    times = []
+
+    def ctl(*args: str) -> list[str]:
+        return pinned([sys.executable, "-m", "miniproxy.ctl", "--socket", str(socketPath),
+                       *args], PROXY_CPU)
+
+    try:
+        with bench.peer(controlled, backendPort):
+            process = bench.peerProcess()
+            assert process is not None
+            for i in range(runs):
+                port = freePort()
+                started = time.perf_counter()
+                client = subprocess.Popen(
+                    ctl("add", "--listen", f"tcp:{port}:interface=127.0.0.1", "--to",
+                        f"tcp:host=127.0.0.1:port={backendPort}", "--name", f"bench-{i}"),
+                    env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                try:
+                    times.append((_firstByte(port, started + timeout, process) - started) * 1000)
+                    _, error = client.communicate(timeout=timeout)
+                finally:
+                    if client.poll() is None:
+                        client.kill()
+                        client.wait()
+                if client.returncode != 0:
+                    raise RuntimeError(f"miniproxy.ctl add failed: {error.decode()}")
+                subprocess.run(ctl("remove", f"bench-{i}"), env=env, check=True,
+                               capture_output=True, timeout=timeout)
+    finally:
+        bench.stop(backend)
+    return {
+        "medianMs": statistics.median(times),
+        "minMs": min(times),
+        "maxMs": max(times),
+        "runsMs": times,
+    }
+
+
 def pythonMemory(bench: Bench, pairs: int = 1000) -> dict[str, Any]:
     """
     miniproxy's Python-level view of idle pairs (see

@@ -292,7 +292,9 @@ def markdown(results: dict[str, Any], heading: str = "##") -> str:
     mine = peers.get("miniproxy-accept", {})
     listener = _get(mine, "newListener")
     hooks = results.get("hookOverhead")
-    if listener or hooks or _get(mine, "pythonMemory") or _get(mine, "startupImports"):
+    controlled = _get(mine, "controlAdd")
+    if (listener or hooks or controlled or _get(mine, "pythonMemory")
+            or _get(mine, "startupImports")):
         lines += ["", f"{heading}# miniproxy only", ""]
     startup = _get(mine, "startupImports")
     if isinstance(startup, dict) and "importsMs" in startup:
@@ -323,6 +325,16 @@ def markdown(results: dict[str, Any], heading: str = "##") -> str:
             )
     elif isinstance(listener, dict):
         lines.append(f"- New listener: {listener.get('error')}")
+    if isinstance(controlled, dict) and "medianMs" in controlled:
+        lines.append(
+            f"- New listener from outside (`python -m miniproxy.ctl add` to a running "
+            f"`twistd miniproxy --control`): first byte relayed "
+            f"{_fmt(controlled['medianMs'], 1)} ms after the exec of the client (median; "
+            f"min {_fmt(controlled['minMs'], 1)}, max {_fmt(controlled['maxMs'], 1)}); "
+            f"a cold start of a new process: {_fmt(_get(mine, 'coldStart', 'medianMs'), 1)} ms"
+        )
+    elif isinstance(controlled, dict):
+        lines.append(f"- New listener from outside: {controlled.get('error')}")
     if hooks:
         lines.append(
             f"- No-op function (`wantsData`, every hook continues), against miniproxy with "

@@ -111,6 +111,7 @@ MEASUREMENTS = (
     "startupImports",
     "pythonMemory",
     "newListener",
+    "controlAdd",
     "hookComparison",
     "hookMicro",
 )
@@ -226,6 +227,8 @@ def measureOne(bench: measure.Bench, peer: Peer, name: str, sizes: Sizes) -> Any
         return measure.pythonMemory(bench, sizes.idlePairs)
     if name == "newListener":
         return measure.newListener(bench, sizes.listenerRuns)
+    if name == "controlAdd":
+        return measure.controlAdd(bench, peer, sizes.listenerRuns)
     if name == "hookComparison":
         return measure.hookComparison(
             bench, MINIPROXY_USERSPACE, MINIPROXY_NOOP, sizes.hookRounds, sizes.shortClients,
@@ -236,8 +239,8 @@ def measureOne(bench: measure.Bench, peer: Peer, name: str, sizes: Sizes) -> Any
 
 
 #: The measurements only miniproxy (C{miniproxy-accept}) takes part in.
-MINIPROXY_ONLY = ("startupImports", "pythonMemory", "newListener", "hookComparison",
-                  "hookMicro")
+MINIPROXY_ONLY = ("startupImports", "pythonMemory", "newListener", "controlAdd",
+                  "hookComparison", "hookMicro")
 
 
 def takesPart(peer: Peer, name: str) -> bool:

@@ -51,9 +51,11 @@ _TOP_KEYS = {
     "function",
     "workers",
     "stats-interval",
+    "control",
 }
 _LISTENER_KEYS = {
     "endpoint",
+    "functions",
     "to",
     "mode",
     "transparent",
@@ -83,6 +85,12 @@ class ServiceConfig:
         L{miniproxy.workers}).
     @ivar statsInterval: With workers, seconds between two reports of the
         group's memory, CPU time and flows (0: only on SIGUSR1).
+    @ivar control: The control socket's C{unix:} endpoint, or L{None} for
+        none (see L{miniproxy.control}).
+    @ivar mode: The top-level connect mode: the default of a listener
+        added at run time.
+    @ivar to: The top-level next hop: the default of a listener added at
+        run time.
     """
 
     listeners: tuple[ListenerSettings, ...]
@@ -90,6 +98,25 @@ class ServiceConfig:
     limits: Limits = field(factory=Limits)
     workers: int = 1
     statsInterval: float = 60.0
+    control: str | None = None
+    mode: ConnectMode = ConnectMode.EARLY
+    to: NextHop | None = None
+
+
+def parseControl(value: object, key: str = "control.listen") -> str:
+    """
+    Parse the control socket's endpoint: a C{unix:} server endpoint
+    string only (no remote control plane).
+    """
+    from miniproxy.ctl import socketPath
+
+    if not isinstance(value, str):
+        raise ConfigError(f"{key}: must be a unix: endpoint string, not {value!r}")
+    try:
+        socketPath(value)
+    except ValueError as e:
+        raise ConfigError(f"{key}: {e}") from None
+    return value
 
 
 def parseMode(value: object, key: str = "mode") -> ConnectMode:
@@ -189,13 +216,14 @@ def buildConfig(
     limits: Mapping[str, Any] | None = None,
     workers: object = None,
     statsInterval: object = None,
+    control: str | None = None,
 ) -> ServiceConfig:
     """
     Validate a parsed config document, with command-line values on top.
 
     Command-line values override the file's top-level values; C{--listen}
     replaces the file's listeners; C{--function} adds to the file's
-    functions.
+    functions; C{--control} replaces the file's C{[control] listen}.
 
     @raise ConfigError: Naming the bad key (without the file; see
         L{loadConfig}).
@@ -230,12 +258,22 @@ def buildConfig(
                 f"(add it to 'functions')"
             )
     enabled = tuple((name, settingsTable.get(name, {})) for name in names)
+    controlTable = document.get("control", {})
+    if not isinstance(controlTable, dict) or set(controlTable) - {"listen"}:
+        raise ConfigError(f"control: must be a table with one key, listen, not {controlTable!r}")
+    if control is not None:
+        controlValue: str | None = parseControl(control, "control")
+    elif "listen" in controlTable:
+        controlValue = parseControl(controlTable["listen"])
+    else:
+        controlValue = None
 
     listeners: list[ListenerSettings] = []
     if listen:
         for i, description in enumerate(listen):
             listeners.append(
-                _listener({"endpoint": description}, f"listen[{i}]", defaultMode, defaultTo)
+                _listener({"endpoint": description}, f"listen[{i}]", defaultMode, defaultTo,
+                          names)
             )
     else:
         tables = document.get("listeners")
@@ -256,12 +294,16 @@ def buildConfig(
         if not isinstance(tables, list) or not tables:
             raise ConfigError(f"{prefix}: must be a non-empty list")
         for i, table in enumerate(tables):
-            listeners.append(_listener(table, f"{prefix}[{i}]", defaultMode, defaultTo))
+            listeners.append(
+                _listener(table, f"{prefix}[{i}]", defaultMode, defaultTo, names)
+            )
     workersValue = parseNumber(
         workers if workers is not None else document.get("workers", 1), "workers", int
     )
     if workersValue < 1:
         raise ConfigError(f"workers: must be at least 1, not {workersValue!r}")
+    if controlValue is not None and workersValue > 1:
+        raise ConfigError("control: not available with workers (each worker is a process)")
     interval = parseNumber(
         statsInterval if statsInterval is not None else document.get("stats-interval", 60),
         "stats-interval",
@@ -273,11 +315,30 @@ def buildConfig(
         limits=limitsValue,
         workers=workersValue,
         statsInterval=interval,
+        control=controlValue,
+        mode=defaultMode,
+        to=defaultTo,
     )
 
 
+def parseListener(table: object, config: ServiceConfig, key: str = "listener") -> ListenerSettings:
+    """
+    Validate one listener table (the keys of a C{[[listeners]]} table) for
+    a running service with C{config}: its top-level C{mode} and C{to} are
+    the defaults, and its C{functions} must be among the enabled ones.
+
+    @raise ConfigError: Naming the bad key under C{key}.
+    """
+    names = [name for name, _ in config.functions]
+    return _listener(table, key, config.mode, config.to, names)
+
+
 def _listener(
-    table: object, key: str, defaultMode: ConnectMode, defaultTo: NextHop | None
+    table: object,
+    key: str,
+    defaultMode: ConnectMode,
+    defaultTo: NextHop | None,
+    enabled: list[str],
 ) -> ListenerSettings:
     if not isinstance(table, dict):
         raise ConfigError(f"{key}: must be a table, not {table!r}")
@@ -337,7 +398,22 @@ def _listener(
     fastOpen = table.get("fast-open", True)
     if not isinstance(fastOpen, bool):
         raise ConfigError(f"{key}.fast-open: must be true or false, not {fastOpen!r}")
+    functionNames: tuple[str, ...] = ()
+    if "functions" in table:
+        functionNames = _functionNames(table["functions"], f"{key}.functions")
+        if not functionNames:
+            raise ConfigError(
+                f"{key}.functions: must name at least one function (leave it out to "
+                f"run every enabled function)"
+            )
+        for name in functionNames:
+            if name not in enabled:
+                raise ConfigError(
+                    f"{key}.functions: {name!r} is not enabled "
+                    f"(enabled: {', '.join(enabled) or 'none'})"
+                )
     return ListenerSettings(
+        functionNames=functionNames,
         fastOpen=fastOpen,
         endpoint=endpoint,
         mode=mode,

@@ -182,6 +182,22 @@ class EarlySyns:
                 return False
         return True
 
+    def unregister(self, context: Any) -> None:
+        """
+        Stop tapping SYNs for the listener of C{context} (it no longer
+        listens): the ports only it wanted leave the taps' filters, and
+        its flows waiting for accept are aborted.
+        """
+        self._targets = [t for t in self._targets if t.context is not context]
+        if self._targets:
+            allPorts = frozenset().union(*(t.ports for t in self._targets))
+            for tap in self._taps.values():
+                tap.setPorts(allPorts)
+        for client, (flow, _) in list(self.pending.items()):
+            if flow._context is context:
+                self._forget(client)
+                flow.abort("listener removed")
+
     def stop(self) -> None:
         """
         Close the taps and abort the flows still waiting for accept.

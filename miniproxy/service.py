@@ -312,13 +312,27 @@ class ProxyService(MultiService):
             raise
 
     def _makeListener(
-        self, settings: ListenerSettings, endpoint: Any = None
+        self, settings: ListenerSettings, endpoint: Any = None, name: str | None = None
     ) -> StreamServerEndpointService:
+        if name is None:
+            number = len(self.listeners) + 1
+            while f"listener-{number}" in self.namedServices:
+                number += 1
+            name = f"listener-{number}"
+        elif name in self.namedServices:
+            raise ConfigError(f"a listener named {name!r} exists already")
+        functions = self.functions
+        if settings.functionNames:
+            byName = dict(self.functions)
+            missing = [n for n in settings.functionNames if n not in byName]
+            if missing:
+                raise ConfigError(f"functions: {missing[0]!r} is not enabled in this service")
+            functions = tuple((n, byName[n]) for n in settings.functionNames)
         context = ListenerContext(
             self.reactor,
             settings,
             self.config.limits,
-            self.functions,
+            functions,
             self.table,
             onFlowClosed=self.onFlowClosed,
         )
@@ -334,23 +348,101 @@ class ProxyService(MultiService):
         # Fail twistd's start-up when a port cannot be bound, instead of
         # logging and running with no listener.
         service._raiseSynchronously = True
-        service.setServiceParent(self)
+        service.setName(name)
+        try:
+            service.setServiceParent(self)
+        except BaseException:
+            # It could not listen: forget it (its name is free again).
+            failure = Failure()
+            self.namedServices.pop(name, None)
+            if service in self.services:
+                self.services.remove(service)
+            service.parent = None
+            service.running = False
+            failure.raiseException()
         self.listeners.append(service)
         return service
 
-    def addListener(self, settings: ListenerSettings) -> Any:
+    def addListener(self, settings: ListenerSettings, name: str | None = None) -> Any:
         """
         Start one more listener in the running service (a proxy made on the
         fly).
 
-        @return: A L{Deferred} firing with the listening port.
+        @param name: Its name (see L{removeListener}); by default the
+            first free C{listener-N}.
+        @return: A L{Deferred} firing with the listening port, or failing
+            (L{CannotListenError}) with the listener already forgotten.
+        @raise ConfigError: If the name is taken, or the endpoint or the
+            functions are bad.
         """
-        service = self._makeListener(settings)
-        if self.running and not service.running:
-            service.startService()
+        try:
+            # A running parent starts (and binds) it at once.
+            service = self._makeListener(settings, name=name)
+        except CannotListenError:
+            return fail()
         if self.running:
             self._announce(service)
         return _portOf(service)
+
+    def listenerNamed(self, name: str) -> StreamServerEndpointService:
+        """
+        The listener named C{name}.
+
+        @raise KeyError: If there is none.
+        """
+        service = self.namedServices[name]
+        if service not in self.listeners:
+            raise KeyError(name)
+        return service
+
+    def listenerPort(self, name: str) -> Deferred:
+        """
+        The listening port of the started listener named C{name}.
+
+        @return: A L{Deferred} firing with it once it listens.
+        @raise KeyError: If there is no such listener.
+        """
+        return _portOf(self.listenerNamed(name))
+
+    def flowsOf(self, name: str) -> list[Any]:
+        """
+        The open flows accepted (or begun at their SYN) by the listener
+        named C{name}.
+
+        @raise KeyError: If there is no such listener.
+        """
+        context = self.listenerNamed(name).listenerContext  # type: ignore[attr-defined]
+        return [flow for flow in self.table.flows if flow._context is context]
+
+    def removeListener(self, name: str, closeFlows: bool = False) -> Deferred:
+        """
+        Stop the listener named C{name} and forget it: it stops listening
+        (and its SYN tap stops beginning flows for it).  Its open flows run
+        to their end under the limits, unless C{closeFlows}: then they are
+        reset once it no longer listens.
+
+        @return: A L{Deferred} firing with the number of its flows left
+            open (0 with C{closeFlows}) once it no longer listens.
+        @raise KeyError: If there is no such listener.
+        """
+        service = self.listenerNamed(name)
+        context = service.listenerContext  # type: ignore[attr-defined]
+        self.listeners.remove(service)
+        if context.early is not None:
+            context.early.unregister(context)
+        stopped = service.disownServiceParent()
+        if stopped is None:
+            stopped = succeed(None)
+
+        def done(_: object) -> int:
+            flows = [flow for flow in self.table.flows if flow._context is context]
+            if not closeFlows:
+                return len(flows)
+            for flow in flows:
+                flow.abort("listener removed")
+            return 0
+
+        return stopped.addCallback(done)
 
     def privilegedStartService(self) -> None:
         """

@@ -39,6 +39,8 @@ class Options(usage.Options):
         ["listen-backlog", None, None, "listen(2) backlog per listener (1024)."],
         ["workers", "w", None, "Worker processes sharing the listeners (1: none)."],
         ["stats-interval", None, None, "With workers: seconds between group reports (60)."],
+        ["control", None, None,
+         "Listen for control commands (miniproxy-ctl) on this UNIX socket: unix:PATH."],
     ]
     optFlags = [
         ["list-functions", None, "List the installed proxy functions and exit."],
@@ -97,6 +99,7 @@ class Options(usage.Options):
             limits=limits,
             workers=self["workers"],
             statsInterval=self["stats-interval"],
+            control=self["control"],
         )
         try:
             if self["config"]:
@@ -143,7 +146,14 @@ def makeService(options: Options, reactor: Any = None) -> Any:
 
     try:
         # The process runs this service alone: tune its garbage collector.
-        return ProxyService(config, reactor, tuneGC=True)
+        service = ProxyService(config, reactor, tuneGC=True)
+        if config.control is not None:
+            # Imported only with a control socket: the lean start-up
+            # does not pay for it otherwise.
+            from miniproxy.control import ControlServer
+
+            ControlServer(service, config.control, reactor).setServiceParent(service)
+        return service
     except ConfigError as e:
         # twistd prints this and exits 1, instead of a traceback.
         raise SystemExit(f"miniproxy: configuration error: {_blame(options, str(e))}")

@@ -212,6 +212,8 @@ class SmokeTests(unittest.TestCase):
         for mode in ("accept", "early"):
             self.assertEqual(len(mine["newListener"][mode]["firstByteRunsMs"]),
                              TINY.listenerRuns)
+        self.assertEqual(len(mine["controlAdd"]["runsMs"]), TINY.listenerRuns)
+        self.assertGreater(mine["controlAdd"]["medianMs"], 0)
         self.assertEqual(mine["hookMicro"]["flows"], TINY.hookFlows)
         self.assertEqual(mine["pythonMemory"]["flowsHeld"], TINY.idlePairs)
         self.assertIn("miniproxy.tap", mine["startupImports"]["importTimeMs"])

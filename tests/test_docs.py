@@ -394,6 +394,7 @@ REFERENCE_TABLES = {
     "Top-level keys": "",
     "`[limits]`": "limits",
     "`[[listeners]]`": "listeners",
+    "`[control]`": "control",
     "`[function.split-tcp]`": "function.split-tcp",
     "`[function.policy]`": "function.policy",
     "`[[function.policy.rules]]`": "function.policy.rules",
@@ -448,7 +449,7 @@ class ConfigurationTests(unittest.SynchronousTestCase):
             used |= flatKeys(document)
         # The table names themselves are documented by their headings.
         tables = {"limits", "listeners", "function", "function.split-tcp",
-                  "function.policy"}
+                  "function.policy", "control"}
         self.assertEqual(documented - used, set())
         self.assertEqual(used - documented - tables, set())
 
@@ -456,7 +457,7 @@ class ConfigurationTests(unittest.SynchronousTestCase):
         """
         The reference documents exactly the keys the config parser knows.
         """
-        tables = {"limits", "listeners", "function"}
+        tables = {"limits", "listeners", "function", "control"}
         self.assertEqual(
             self.documentedKeys("Top-level keys"), configModule._TOP_KEYS - tables
         )
