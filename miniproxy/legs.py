@@ -350,7 +350,22 @@ class Leg:
         if self.disconnected:
             return
         self._unregisterPeer()
-        self.transport.loseConnection()  # type: ignore[union-attr]
+        transport = self.transport
+        if (
+            self._sendsAtOnce
+            and transport._writeDisconnected
+            and transport.connected
+            and not transport.disconnecting
+        ):
+            # What Twisted's loseConnection does with a write-closed TCP
+            # transport (it closes at once, as doWrite would not), with
+            # Twisted's shared clean-close failure instead of a new one
+            # (whose class names a check would look up again) and without
+            # the calls that connectionLost makes again (stopReading,
+            # stopWriting).
+            transport.connectionLost(connectionDone)
+            return
+        transport.loseConnection()  # type: ignore[union-attr]
 
     def abort(self) -> None:
         """

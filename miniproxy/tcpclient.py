@@ -100,8 +100,13 @@ def handshakePending(transport: Any) -> bool:
 
 def usesFastOpen(transport: Any) -> bool:
     """
-    Whether a client transport was connected with C{TCP_FASTOPEN_CONNECT}.
+    Whether a client transport was connected with C{TCP_FASTOPEN_CONNECT}:
+    for a transport of L{TunedTCPClientEndpoint} still connecting, from
+    the options its socket was made with; otherwise asked of its socket.
     """
+    options = getattr(getattr(transport, "connector", None), "_socketOptions", None)
+    if options is not None:
+        return _FAST_OPEN in options
     handle = getattr(transport, "getHandle", None)
     if handle is None:
         return False
@@ -226,8 +231,11 @@ class _AttemptOver:
 _ATTEMPT_OVER = _AttemptOver()
 
 
+#: C{connect()} results that mean the attempt is under way.
+_CONNECTING = frozenset((EINPROGRESS, EALREADY, EWOULDBLOCK))
 #: C{connect()} results that mean the attempt is under way or done.
-_CONNECT_UNDER_WAY = frozenset((0, EINPROGRESS, EALREADY, EWOULDBLOCK, EISCONN))
+_CONNECT_UNDER_WAY = _CONNECTING | {0, EISCONN}
+_FAST_OPEN = fastOpenConnect()
 
 
 class _TunedClient(tcp.Client):
@@ -242,12 +250,27 @@ class _TunedClient(tcp.Client):
         # handled.  Only the system call moves; what follows from it (a
         # failure, or the connection being made) still happens in the next
         # iteration, from doConnect, which calls connect() again and reads
-        # the outcome (EALREADY: still under way; EISCONN: done).
+        # the outcome (EALREADY: still under way; EISCONN: done; on
+        # loopback the handshake is over by then).  Under way, that
+        # doConnect is called directly: without Twisted's resolveAddress,
+        # its Deferred and _setRealAddress, which only lead to it.
         if whenDone and not self._requiresResolution:
             try:
                 result = skt.connect_ex(self.addr)
             except OSError as e:
                 result = e.args[0]
+            if result in _CONNECTING:
+                self._commonConnection.__init__(self, skt, None, reactor)
+                address = self.addr
+                if len(address) == 4:
+                    # IPv6: the host with its scope, as _setRealAddress has it.
+                    host = socket.getnameinfo(
+                        address, socket.NI_NUMERICHOST | socket.NI_NUMERICSERV
+                    )[0]
+                    address = (host, *address[1:])
+                self.realAddress = address
+                reactor.callLater(0, self.doConnect)
+                return
             if result not in _CONNECT_UNDER_WAY:
                 # Fail in the next iteration, as Twisted would; the socket
                 # is not used again.
@@ -257,6 +280,39 @@ class _TunedClient(tcp.Client):
                 skt.close()
                 return
         super()._finishInit(whenDone, skt, err, reactor)
+
+    def doConnect(self) -> None:
+        """
+        Twisted's C{doConnect}, except once connected: a socket that waited
+        for the handshake stays registered for reading (C{_connectDone}
+        registers it for reading anyway) and only stops waiting to be
+        writable, one C{epoll_ctl} instead of three.
+        """
+        self.doWrite = self.doRead = self.doConnect
+        if not hasattr(self, "connector"):
+            # The attempt failed, with doConnect still to come from the
+            # delayed call _finishInit made.
+            return
+        skt = self.socket
+        err = skt.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            self.failIfNotConnected(error.getConnectError((err, os.strerror(err))))
+            return
+        try:
+            result = skt.connect_ex(self.realAddress)
+        except OSError as e:
+            result = e.args[0]
+        if result in _CONNECTING:
+            self.startReading()
+            self.startWriting()
+            return
+        if result not in _CONNECT_UNDER_WAY:
+            self.failIfNotConnected(error.getConnectError((result, os.strerror(result))))
+            return
+        del self.doWrite
+        del self.doRead
+        self.stopWriting()
+        self._connectDone()
 
     def _connectDone(self) -> None:
         super()._connectDone()

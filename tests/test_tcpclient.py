@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import socket
+from typing import Any
 
 from twisted.internet import defer
 from twisted.internet.protocol import Factory, Protocol
@@ -18,6 +19,7 @@ from miniproxy.tcpclient import (
     enableFastOpenListener,
     fastOpenConnect,
     mark,
+    usesFastOpen,
 )
 from tests.test_syntap import Recorder
 
@@ -135,6 +137,120 @@ class TunedEndpointTests(unittest.TestCase):
         self.assertFalse(sender.made.called)
         self.assertFalse(d.called)
         return d.addCallback(self.assertIs, sender)
+
+    @defer.inlineCallbacks
+    def test_connectedWithoutWaiting(self):  # type: ignore[no-untyped-def]
+        """
+        On loopback the handshake is over by the next iteration: the leg is
+        connected then, with no Deferred of Twisted's in between and no
+        wait to be writable; once connected, its transport is registered
+        for reading only.
+        """
+        from twisted.internet import tcp
+
+        resolved = []
+        self.patch(tcp.Client, "resolveAddress", lambda client: resolved.append(client))
+        arrived: defer.Deferred[bytes] = defer.Deferred()
+        self.received.append(arrived)
+        # Writes nothing when connected (a write would wait to be writable).
+        sender = Sender(b"")
+        endpoint = TunedTCPClientEndpoint(self.reactor, "127.0.0.1", self.number, timeout=5)
+        protocol = yield endpoint.connect(Factory.forProtocol(lambda: sender))
+        self.assertIs(protocol, sender)
+        self.assertEqual(resolved, [])
+        transport = sender.transport
+        self.assertEqual(transport.realAddress, ("127.0.0.1", self.number))
+        self.assertIn(transport, self.reactor.getReaders())
+        self.assertNotIn(transport, self.reactor.getWriters())
+        transport.write(b"x.")
+        data = yield arrived
+        self.assertEqual(data, b"x.")
+
+    @defer.inlineCallbacks
+    def test_waitsForHandshake(self):  # type: ignore[no-untyped-def]
+        """
+        A handshake not over by the next iteration (a SYN the server
+        dropped) is waited for by the reactor: the transport waits to be
+        readable or writable, and once connected stops waiting to be
+        writable, still reading.
+        """
+        from tests.support import waitUntil
+
+        listener = socket.socket()
+        self.addCleanup(listener.close)
+        listener.bind(("127.0.0.1", 0))
+        # A full accept queue: the next SYN is dropped, and sent again a
+        # second later.
+        listener.listen(0)
+        queued = socket.create_connection(listener.getsockname())
+        self.addCleanup(queued.close)
+        sender = Sender(b"")
+        made: list[Any] = []
+        sender.made.addCallback(made.append)
+        transports = []
+        endpoint = TunedTCPClientEndpoint(
+            self.reactor, "127.0.0.1", listener.getsockname()[1], timeout=10,
+            onSocket=transports.append,
+        )
+        d = endpoint.connect(Factory.forProtocol(lambda: sender))
+        self.addCleanup(lambda: d.called or d.cancel())
+        writers = self.reactor.getWriters
+        yield waitUntil(
+            lambda: any(getattr(w, "socket", None) is transports[0] for w in writers()),
+            "the transport waiting for its handshake",
+        )
+        self.assertEqual(made, [])
+        [transport] = [w for w in writers() if getattr(w, "socket", None) is transports[0]]
+        self.assertIn(transport, self.reactor.getReaders())
+        listener.accept()[0].close()
+        protocol = yield d
+        self.assertIs(protocol, sender)
+        self.assertIs(sender.transport, transport)
+        self.assertIn(transport, self.reactor.getReaders())
+        self.assertNotIn(transport, writers())
+        sender.transport.abortConnection()
+        yield sender.lost
+
+    @defer.inlineCallbacks
+    def test_ipv6(self):  # type: ignore[no-untyped-def]
+        """
+        An IPv6 next hop connects too, with its address as Twisted has it.
+        """
+        from twisted.internet import reactor
+
+        received: list[defer.Deferred[bytes]] = [defer.Deferred()]
+        factory = Factory()
+        factory.protocol = lambda: Collector(received)  # type: ignore[assignment]
+        try:
+            port = reactor.listenTCP(0, factory, interface="::1")
+        except Exception as e:
+            raise unittest.SkipTest(f"no IPv6 loopback: {e}")
+        self.addCleanup(port.stopListening)
+        sender = Sender(b"six.")
+        endpoint = TunedTCPClientEndpoint(reactor, "::1", port.getHost().port, timeout=5)
+        yield endpoint.connect(Factory.forProtocol(lambda: sender))
+        self.assertEqual(sender.transport.getPeer().host, "::1")
+        data = yield received[0]
+        self.assertEqual(data, b"six.")
+
+    def test_fastOpenFromOptions(self) -> None:
+        """
+        Whether a transport of the endpoint uses Fast Open is read from the
+        options its socket was made with, without asking the socket.
+        """
+
+        class Connector:
+            _socketOptions = (fastOpenConnect(),)
+
+        class Transport:
+            connector = Connector()
+
+            def getHandle(self) -> Any:
+                raise AssertionError("the socket was asked")
+
+        self.assertTrue(usesFastOpen(Transport()))
+        Connector._socketOptions = ()
+        self.assertFalse(usesFastOpen(Transport()))
 
     @defer.inlineCallbacks
     def test_immediateFailure(self):  # type: ignore[no-untyped-def]
