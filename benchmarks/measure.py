@@ -450,6 +450,18 @@ def compileRepository() -> None:
         compileall.compile_dir(str(REPO / package), quiet=1)
 
 
+def spread(times: list[float]) -> dict[str, Any]:
+    """
+    The median, least and greatest of C{times} (ms), and every one.
+    """
+    return {
+        "medianMs": statistics.median(times),
+        "minMs": min(times),
+        "maxMs": max(times),
+        "runsMs": times,
+    }
+
+
 def coldStart(bench: Bench, peer: Peer, runs: int = 5, timeout: float = 20.0) -> dict[str, Any] | None:
     """
     From the exec of C{peer} to the first byte relayed from a backend that
@@ -479,12 +491,7 @@ def coldStart(bench: Bench, peer: Peer, runs: int = 5, timeout: float = 20.0) ->
                 bench.stop(process)
     finally:
         bench.stop(backend)
-    return {
-        "medianMs": statistics.median(times),
-        "minMs": min(times),
-        "maxMs": max(times),
-        "runsMs": times,
-    }
+    return spread(times)
 
 
 def _firstByte(port: int, deadline: float, process: Process) -> float:
@@ -714,12 +721,7 @@ def controlAdd(bench: Bench, peer: Peer, runs: int = 20,
                                capture_output=True, timeout=timeout)
     finally:
         bench.stop(backend)
-    return {
-        "medianMs": statistics.median(times),
-        "minMs": min(times),
-        "maxMs": max(times),
-        "runsMs": times,
-    }
+    return spread(times)
 
 
 def pythonMemory(bench: Bench, pairs: int = 1000) -> dict[str, Any]:
