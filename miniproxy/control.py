@@ -175,8 +175,12 @@ class ControlChannel:
         if "listener" not in message:
             raise RequestError('add: no "listener" (the keys of a [[listeners]] table)')
         settings = parseListener(message["listener"], self.service.config)
+        listeners = self.service.listeners
+        count = len(listeners)
         listening = self.service.addListener(settings, name=name)
-        service = self.service.listeners[-1]
+        # A listener that could not listen is forgotten at once: then
+        # there is no new one, and the reply is the failure's.
+        service = listeners[count] if len(listeners) > count else None
 
         def added(port: Any) -> dict[str, Any]:
             _log.info("control: added listener {name} on {endpoint}",

@@ -158,6 +158,12 @@ class CommandTests(unittest.TestCase):
         service = ProxyService(buildConfig({"listen": "unix:/nonexistent/x",
                                             "mode": "accept"}), _Failing())
         service.running = True
+        lone = ProxyService(buildConfig({"listen": "unix:/nonexistent/x"}), _Failing())
+        lone.removeListener("listener-1")
+        lone.running = True
+        reply = result(control.ControlChannel(lone).handle(
+            b'{"command": "add", "listener": {"endpoint": "tcp:9003"}}'))
+        self.assertIn("Address already in use", reply["error"])
         channel = control.ControlChannel(service)
         reply = result(channel.handle(json.dumps(
             {"command": "add", "name": "web", "listener": {"endpoint": "tcp:9003"}}).encode()))
