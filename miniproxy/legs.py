@@ -94,11 +94,12 @@ def primeTransports() -> None:
     """
     from twisted.internet import tcp
 
-    from miniproxy.tcpclient import _TunedClient
+    from miniproxy.tcpclient import _TunedClient, _TunedClient6
 
     primeSharedKeys(tcp.Server, _SERVER_ATTRIBUTES)
     primeSharedKeys(tcp.Client, _CLIENT_ATTRIBUTES)
     primeSharedKeys(_TunedClient, _CLIENT_ATTRIBUTES)
+    primeSharedKeys(_TunedClient6, _CLIENT_ATTRIBUTES)
 
 
 primeTransports()
@@ -271,7 +272,8 @@ class Leg:
         transport: Any = self.transport
         if not self.disconnected:
             transport.unregisterProducer()
-        peer.resumeProducing()
+        if peer._paused & PAUSED_BY_PEER:
+            peer.resumeProducing()
 
     def setBufferBound(self, readSize: int) -> None:
         """

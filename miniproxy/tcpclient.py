@@ -23,7 +23,7 @@ import socket
 from errno import EALREADY, EINPROGRESS, EISCONN, EWOULDBLOCK
 from typing import Any, Callable, Sequence
 
-from twisted.internet import error, tcp
+from twisted.internet import address, base, error, tcp
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IProtocolFactory, IStreamClientEndpoint
 from zope.interface import implementer
@@ -238,10 +238,71 @@ _CONNECT_UNDER_WAY = _CONNECTING | {0, EISCONN}
 _FAST_OPEN = fastOpenConnect()
 
 
+class _Target:
+    """
+    Where a L{TunedTCPClientEndpoint} connects, worked out once for all its
+    connections: Twisted's client and connector parse the host again at
+    each connection (is it an IPv4 literal? an IPv6 one?).
+
+    @ivar clientClass: The transport class for the address family.
+    @ivar addr: The address C{connect()} is given (for IPv6, the 4-tuple).
+    @ivar realAddress: The address as C{getPeer} reports it (for IPv6, the
+        host with its scope, as Twisted's C{_setRealAddress} has it).
+    """
+
+    __slots__ = ("clientClass", "addr", "realAddress")
+
+    def __init__(self, clientClass: type, addr: tuple, realAddress: tuple) -> None:
+        self.clientClass = clientClass
+        self.addr = addr
+        self.realAddress = realAddress
+
+
+def _targetFor(host: str, port: int) -> _Target | None:
+    """
+    The L{_Target} of an IPv4 or IPv6 address literal, or L{None} for
+    anything else (a name: Twisted's client resolves it).
+    """
+    try:
+        socket.inet_pton(socket.AF_INET, host)
+    except (OSError, ValueError):
+        pass
+    else:
+        if host.count(".") == 3:
+            return _Target(_TunedClient, (host, port), (host, port))
+    try:
+        socket.inet_pton(socket.AF_INET6, host.split("%", 1)[0])
+        addr = tcp._resolveIPv6(host, port)
+    except (OSError, ValueError):
+        return None
+    scoped = socket.getnameinfo(addr, socket.NI_NUMERICHOST | socket.NI_NUMERICSERV)[0]
+    return _Target(_TunedClient6, addr, (scoped, *addr[1:]))
+
+
 class _TunedClient(tcp.Client):
     # The options are the connector's: a transport has about 20 attributes
     # of its own, and one more past 21 costs each connection its share of
     # the class's dict keys (some 600 bytes).
+
+    def __init__(
+        self, host: str, port: int, bindAddress: Any, connector: Any, reactor: Any = None
+    ) -> None:
+        target = connector._target
+        if target is None or bindAddress is not None:
+            # A name, or a bind address: Twisted's own checks.
+            super().__init__(host, port, bindAddress, connector, reactor)
+            return
+        # tcp.Client.__init__ for an address literal and no bind address,
+        # with the address worked out once per endpoint.
+        self.connector = connector
+        self.addr = target.addr
+        self._requiresResolution = False
+        try:
+            skt = self.createInternetSocket()
+        except OSError as e:
+            self._finishInit(None, None, error.ConnectBindError(e.args[0], e.args[1]), reactor)
+            return
+        self._finishInit(self.resolveAddress, skt, None, reactor)
 
     def _finishInit(self, whenDone: Any, skt: Any, err: Any, reactor: Any) -> None:
         # Twisted calls connect() in the next reactor iteration, so that
@@ -259,16 +320,10 @@ class _TunedClient(tcp.Client):
                 result = skt.connect_ex(self.addr)
             except OSError as e:
                 result = e.args[0]
-            if result in _CONNECTING:
+            target = self.connector._target
+            if result in _CONNECTING and target is not None:
                 self._commonConnection.__init__(self, skt, None, reactor)
-                address = self.addr
-                if len(address) == 4:
-                    # IPv6: the host with its scope, as _setRealAddress has it.
-                    host = socket.getnameinfo(
-                        address, socket.NI_NUMERICHOST | socket.NI_NUMERICSERV
-                    )[0]
-                    address = (host, *address[1:])
-                self.realAddress = address
+                self.realAddress = target.realAddress
                 reactor.callLater(0, self.doConnect)
                 return
             if result not in _CONNECT_UNDER_WAY:
@@ -336,20 +391,32 @@ class _TunedClient(tcp.Client):
         return sock
 
 
+class _TunedClient6(_TunedClient):
+    # An IPv6 literal's transport: what tcp.Client.__init__ sets on the
+    # instance, here on the class (so that both families' transports have
+    # the same instance attributes).
+    addressFamily = socket.AF_INET6
+    _addressType = address.IPv6Address
+
+
 class _TunedConnector(tcp.Connector):
-    def __init__(
-        self,
-        *args: Any,
-        options: Sequence[SocketOption],
-        onSocket: Callable[[socket.socket], None] | None,
-        **kwargs: Any,
-    ) -> None:
-        self._socketOptions = options
-        self._onSocket = onSocket
-        super().__init__(*args, **kwargs)
+    def __init__(self, endpoint: TunedTCPClientEndpoint, factory: Any) -> None:
+        # What tcp.Connector.__init__ sets, from what the endpoint worked
+        # out once.
+        self._socketOptions = endpoint.options
+        self._onSocket = endpoint.onSocket
+        target = self._target = endpoint._target
+        self.host = endpoint._host
+        self.port = endpoint._port
+        self.bindAddress = endpoint._bindAddress
+        if target is not None and target.clientClass is _TunedClient6:
+            self._addressType = address.IPv6Address
+        base.BaseConnector.__init__(self, factory, endpoint._timeout, endpoint._reactor)
 
     def _makeTransport(self) -> tcp.Client:
-        return _TunedClient(self.host, self.port, self.bindAddress, self, self.reactor)
+        target = self._target
+        cls = _TunedClient if target is None else target.clientClass
+        return cls(self.host, self.port, self.bindAddress, self, self.reactor)
 
 
 @implementer(IStreamClientEndpoint)
@@ -381,6 +448,7 @@ class TunedTCPClientEndpoint:
         self.options = tuple(options)
         self._timeout = timeout
         self._bindAddress = bindAddress
+        self._target = _targetFor(host, port) if isinstance(port, int) else None
 
     def connect(self, protocolFactory: IProtocolFactory) -> Deferred:
         """
@@ -390,16 +458,7 @@ class TunedTCPClientEndpoint:
         """
         try:
             wrapped = _Connecting(protocolFactory)
-            connector = _TunedConnector(
-                self._host,
-                self._port,
-                wrapped,
-                self._timeout,
-                self._bindAddress,
-                self._reactor,
-                options=self.options,
-                onSocket=self.onSocket,
-            )
+            connector = _TunedConnector(self, wrapped)
             d = wrapped.deferred
             connector.connect()
             return d

@@ -233,6 +233,64 @@ class TunedEndpointTests(unittest.TestCase):
         data = yield received[0]
         self.assertEqual(data, b"six.")
 
+    @defer.inlineCallbacks
+    def test_addressParsedOnce(self):  # type: ignore[no-untyped-def]
+        """
+        The endpoint works out its address once: connecting asks Twisted's
+        address checks nothing.
+        """
+        from twisted.internet import abstract
+
+        asked = []
+        for name in ("isIPAddress", "isIPv6Address"):
+            self.patch(abstract, name, lambda *a, **k: asked.append(a))
+        sender = Sender(b"once.")
+        endpoint = TunedTCPClientEndpoint(self.reactor, "127.0.0.1", self.number, timeout=5)
+        arrived: defer.Deferred[bytes] = defer.Deferred()
+        self.received.append(arrived)
+        yield endpoint.connect(Factory.forProtocol(lambda: sender))
+        data = yield arrived
+        self.assertEqual((data, asked), (b"once.", []))
+        self.assertEqual(sender.transport.getPeer().port, self.number)
+
+    @defer.inlineCallbacks
+    def test_bindAddress(self):  # type: ignore[no-untyped-def]
+        """
+        With a bind address, the socket is bound before it connects.
+        """
+        sender = Sender(b"bound.")
+        endpoint = TunedTCPClientEndpoint(
+            self.reactor, "127.0.0.1", self.number, timeout=5, bindAddress=("127.0.0.2", 0)
+        )
+        arrived: defer.Deferred[bytes] = defer.Deferred()
+        self.received.append(arrived)
+        yield endpoint.connect(Factory.forProtocol(lambda: sender))
+        self.assertEqual(sender.transport.getHost().host, "127.0.0.2")
+        data = yield arrived
+        self.assertEqual(data, b"bound.")
+
+    def test_targets(self) -> None:
+        """
+        An IPv4 literal connects as itself; an IPv6 one with Twisted's
+        4-tuple, and reports its scope; a name is left to Twisted.
+        """
+        from miniproxy.tcpclient import _targetFor, _TunedClient, _TunedClient6
+
+        four = _targetFor("127.0.0.1", 80)
+        assert four is not None
+        self.assertEqual(
+            (four.clientClass, four.addr, four.realAddress),
+            (_TunedClient, ("127.0.0.1", 80), ("127.0.0.1", 80)),
+        )
+        six = _targetFor("::1", 80)
+        assert six is not None
+        self.assertEqual(
+            (six.clientClass, six.addr, six.realAddress),
+            (_TunedClient6, ("::1", 80, 0, 0), ("::1", 80, 0, 0)),
+        )
+        for name in ("localhost", "1.2.3", "example.com"):
+            self.assertIsNone(_targetFor(name, 80), name)
+
     def test_fastOpenFromOptions(self) -> None:
         """
         Whether a transport of the endpoint uses Fast Open is read from the
