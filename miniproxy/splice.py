@@ -78,9 +78,21 @@ SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK"
 #: The errors that say the kernel cannot splice these descriptors at all.
 UNSUPPORTED = frozenset({errno.EINVAL, errno.ENOSYS})
 
-#: The most times one read event splices a full chunk in and out before
-#: letting the reactor serve other descriptors.
+#: The most times one event splices a chunk in and out before letting the
+#: reactor serve other descriptors.
 ROUNDS = 4
+
+#: The socket option that bounds the bytes a TCP socket holds unsent
+#: (Linux 3.12); 0 is the kernel's default (no bound).
+TCP_NOTSENT_LOWAT = getattr(socket, "TCP_NOTSENT_LOWAT", 25)
+
+# What _Direction._pump ended with.
+_EMPTY = object()  # the source had nothing more (EAGAIN)
+_SINK_FULL = object()  # the pipe holds bytes the sink did not take
+_BUDGET = object()  # ROUNDS chunks went through
+_END = object()  # the source's end of file
+_LOST = object()  # the source's connection broke
+_REFUSED = object()  # the kernel cannot splice: the flow relays in userspace
 
 # The system call, looked up at each call so that tests can replace it.
 splice: Callable[..., int] | None = getattr(os, "splice", None)
@@ -200,9 +212,11 @@ class _Direction:
         "attached",
         "ended",
         "sinkError",
+        "sourceError",
         "_pipe",
         "_sourceFd",
         "_sinkFd",
+        "_unsentBefore",
     )
 
     def __init__(
@@ -219,9 +233,11 @@ class _Direction:
         self.attached = False
         self.ended = False
         self.sinkError: Any = None
+        self.sourceError: Any = None
         self._pipe: tuple[int, int] | None = None
         self._sourceFd = -1
         self._sinkFd = -1
+        self._unsentBefore: int | None = None
 
     def __repr__(self) -> str:
         way = "client->server" if self.fromClient else "server->client"
@@ -264,6 +280,20 @@ class _Direction:
         source.doRead = self.doRead
         sink.doWrite = self.doWrite
         self.attached = True
+        # While spliced, the sink's socket takes bytes only while it holds
+        # less than half the bound unsent: the rest waits in the pipe (or
+        # the source's socket), and this process sends it when the sink is
+        # writable, rather than the peer's acknowledgements clocking it out
+        # of a long send queue (on the peer's CPU, for a local peer).
+        try:
+            self._unsentBefore = sink.socket.getsockopt(
+                socket.IPPROTO_TCP, TCP_NOTSENT_LOWAT
+            )
+            sink.socket.setsockopt(
+                socket.IPPROTO_TCP, TCP_NOTSENT_LOWAT, self.unsentBound
+            )
+        except OSError:
+            self._unsentBefore = None
 
     def detach(self) -> None:
         """
@@ -279,6 +309,20 @@ class _Direction:
             del source.doRead
         if sink is not None and getattr(sink.doWrite, "__self__", None) is self:
             del sink.doWrite
+        unsent, self._unsentBefore = self._unsentBefore, None
+        if unsent is not None and sink is not None and sink.connected:
+            try:
+                sink.socket.setsockopt(socket.IPPROTO_TCP, TCP_NOTSENT_LOWAT, unsent)
+            except OSError:
+                pass
+
+    @property
+    def unsentBound(self) -> int:
+        """
+        The most bytes the sink's socket holds unsent while this direction
+        is spliced (its C{TCP_NOTSENT_LOWAT}): half the bound.
+        """
+        return max(self.bound // 2, 1)
 
     def closePipe(self) -> None:
         """
@@ -313,6 +357,8 @@ class _Direction:
         The source is readable: splice what it has into the pipe and on
         into the sink, as much as the sink takes.
         """
+        if self.sourceError is not None:
+            return self.sourceError
         if self.held:
             # Read again while the pipe still holds bytes (another reason
             # to pause went away): the sink's writability resumes reading.
@@ -328,50 +374,37 @@ class _Direction:
             # wrote): read again once it is written.
             self._waitForSink()
             return None
-        pipe = self._pipe
-        if pipe is None:
+        if self._pipe is None:
             try:
-                pipe = self._openPipe()
+                self._openPipe()
             except OSError as e:
                 # Out of descriptors: relay this flow in userspace.
                 _log.info("no pipe for a spliced flow ({error}): userspace", error=e)
                 self.relay.suspend()
                 self.relay.off = True
                 return self._read()
-        writeEnd = pipe[1]
-        sourceFd = self._sourceFd
-        bound = self.bound
-        for _ in range(ROUNDS):
-            try:
-                size = splice(sourceFd, writeEnd, bound, flags=SPLICE_FLAGS)  # type: ignore[misc]
-            except BlockingIOError:
-                return None
-            except OSError as e:
-                if e.errno in UNSUPPORTED:
-                    turnOff(os.strerror(e.errno))
-                    self.relay.suspend()
-                    return self._read()
-                return main.CONNECTION_LOST
-            if not size:
-                # End of file, with the pipe empty: the FIN follows every
-                # byte.  Twisted reports it to the leg (a half-close).
-                self.ended = True
-                self.closePipe()
-                return main.CONNECTION_DONE
-            self.held = size
-            self.relay.flow.noteSpliced(self.fromClient, size)
-            self._drain()
-            if self.held:
-                self._waitForSink()
-                return None
-            if size < bound or not self.attached:
-                return None
+        outcome = self._pump()
+        if outcome is _SINK_FULL:
+            self._waitForSink()
+        elif outcome is _END:
+            # End of file, with the pipe empty: the FIN follows every
+            # byte.  Twisted reports it to the leg (a half-close).
+            self.ended = True
+            self.closePipe()
+            return main.CONNECTION_DONE
+        elif outcome is _LOST:
+            return main.CONNECTION_LOST
+        elif outcome is _REFUSED:
+            return self._read()
         return None
 
     def doWrite(self) -> Any:
         """
-        The sink is writable: drain the pipe into it, then let the
-        transport write what it holds itself (and half-close or close).
+        The sink is writable: drain the pipe into it, and go on splicing
+        from the source while the sink takes it (the source stays paused,
+        so a sink that keeps up costs no C{epoll_ctl}); once the source has
+        nothing more, let the transport write what it holds itself (and
+        half-close or close) and read the source again.
         """
         if self.sinkError is not None:
             return self.sinkError
@@ -382,6 +415,32 @@ class _Direction:
             if self.held:
                 return None
         transport: Any = self.sink.transport
+        if (
+            self.attached
+            and self._pipe is not None
+            and self.source._paused == PAUSED_SPLICE
+            and self.sourceError is None
+            and not self.ended
+            and not self.source.readClosed
+            and not buffered(transport)
+            and not transport.disconnecting
+            and not transport._writeDisconnecting
+        ):
+            outcome = self._pump()
+            if outcome is _SINK_FULL:
+                if self.sinkError is not None:
+                    return self.sinkError
+                return None
+            if outcome is _BUDGET:
+                # The source has more: the sink, still writable, is
+                # called again once the reactor served the others.
+                return None
+            if outcome is _LOST:
+                # The source's reset, reported where Twisted would: by the
+                # source's doRead, once it is read again below.
+                self.sourceError = main.CONNECTION_LOST
+            # _EMPTY, _END (the source reads its end of file again) and
+            # _REFUSED (the userspace relay has taken over): on below.
         result = type(transport).doWrite(transport)
         if not result and not buffered(transport):
             # The pipe and the transport are empty: read the source again.
@@ -389,6 +448,73 @@ class _Direction:
         return result
 
     # -- moving bytes ----------------------------------------------------
+
+    def _pump(self) -> object:
+        """
+        Splice from the source into the pipe and on into the sink until the
+        source has nothing more, the sink takes no more, or C{ROUNDS}
+        chunks went through (the other descriptors' turn).
+
+        @return: C{_EMPTY}, C{_SINK_FULL} (the pipe holds bytes, or the
+            sink's connection broke: L{sinkError}), C{_BUDGET}, C{_END}
+            (the source's end of file, with the pipe empty), C{_LOST} (the
+            source's connection broke) or C{_REFUSED} (the kernel refused
+            to splice: the flow relays in userspace now).
+        """
+        readEnd, writeEnd = self._pipe  # type: ignore[misc]
+        sourceFd = self._sourceFd
+        sinkFd = self._sinkFd
+        bound = self.bound
+        flags = SPLICE_FLAGS
+        call = splice
+        moved = 0
+        outcome: object = _BUDGET
+        for _ in range(ROUNDS):
+            try:
+                size = call(sourceFd, writeEnd, bound, flags=flags)  # type: ignore[misc]
+            except BlockingIOError:
+                outcome = _EMPTY
+                break
+            except OSError as e:
+                if e.errno in UNSUPPORTED:
+                    turnOff(os.strerror(e.errno))
+                    self.relay.suspend()
+                    outcome = _REFUSED
+                else:
+                    outcome = _LOST
+                break
+            if not size:
+                outcome = _END
+                break
+            moved += size
+            # Drain the pipe into the sink (as _drain does, inline: this is
+            # the hot path).
+            held = size
+            while held:
+                try:
+                    out = call(readEnd, sinkFd, held, flags=flags)  # type: ignore[misc]
+                except BlockingIOError:
+                    break
+                except OSError as e:
+                    self.held = held
+                    self._sinkFailed(e)
+                    held = self.held
+                    break
+                if not out:
+                    raise RuntimeError(f"{self!r}: the pipe is short of its bytes")
+                held -= out
+                self.spliced += out
+                stats.spliced += out
+            if held:
+                self.held = held
+                outcome = _SINK_FULL if self.attached else _REFUSED
+                break
+            if not self.attached:
+                outcome = _REFUSED
+                break
+        if moved:
+            self.relay.flow.noteSpliced(self.fromClient, moved)
+        return outcome
 
     def _drain(self) -> None:
         readEnd = self._pipe[0]  # type: ignore[index]
@@ -399,20 +525,23 @@ class _Direction:
             except BlockingIOError:
                 return
             except OSError as e:
-                if e.errno in UNSUPPORTED:
-                    turnOff(os.strerror(e.errno))
-                    # Read out of the pipe and written by the transport.
-                    self.relay.suspend()
-                    return
-                # The sink's connection is broken: its transport reports
-                # it from doWrite, as it would a failed send.
-                self.sinkError = main.CONNECTION_LOST
+                self._sinkFailed(e)
                 return
             if not size:
                 raise RuntimeError(f"{self!r}: the pipe is short of its bytes")
             self.held -= size
             self.spliced += size
             stats.spliced += size
+
+    def _sinkFailed(self, e: OSError) -> None:
+        if e.errno in UNSUPPORTED:
+            turnOff(os.strerror(e.errno))
+            # Read out of the pipe and written by the transport.
+            self.relay.suspend()
+            return
+        # The sink's connection is broken: its transport reports it from
+        # doWrite, as it would a failed send.
+        self.sinkError = main.CONNECTION_LOST
 
     def _waitForSink(self) -> None:
         self.source.pauseReading(PAUSED_SPLICE)
