@@ -139,6 +139,14 @@ def pipeHolds(direction: Any) -> int:
     return fionread(direction._pipe[0])
 
 
+def unsentBound(transport: Any) -> int:
+    """
+    The C{TCP_NOTSENT_LOWAT} of a transport's socket (0: the kernel's
+    default, no bound).
+    """
+    return transport.socket.getsockopt(socket.IPPROTO_TCP, spliceModule.TCP_NOTSENT_LOWAT)
+
+
 def isReading(transport: Any) -> bool:
     """
     Whether the reactor reads C{transport}.
@@ -564,12 +572,24 @@ class BackpressureTests(SpliceTestCase):
 
     def setUp(self) -> None:
         self.mostHeld = 0
+        #: The leg whose splices into a pipe while it is paused are counted
+        #: in C{whilePaused}.
+        self.pausedSource: Any = None
+        self.whilePaused = 0
         real = spliceModule.splice
 
         def watched(source: int, destination: int, count: int, **kwargs: Any) -> int:
             size = real(source, destination, count, **kwargs)
             if stat.S_ISFIFO(os.fstat(destination).st_mode):
                 self.mostHeld = max(self.mostHeld, fionread(destination))
+                leg = self.pausedSource
+                if (
+                    leg is not None
+                    and size
+                    and source == leg.transport.fileno()
+                    and not isReading(leg.transport)
+                ):
+                    self.whilePaused += size
             return size
 
         self.patch(spliceModule, "splice", watched)
@@ -596,6 +616,7 @@ class BackpressureTests(SpliceTestCase):
         self.assertIn(sink.transport, sink.transport.reactor.getWriters())
         self.assertGreater(self.mostHeld, 0)
         self.assertLessEqual(self.mostHeld, self.maxBuffer)
+        self.assertEqual(unsentBound(sink.transport), self.maxBuffer // 2)
 
     @defer.inlineCallbacks
     def test_slowServer(self) -> Any:
@@ -614,6 +635,30 @@ class BackpressureTests(SpliceTestCase):
         self.assertLess(flow.bytesFromClient, len(data))
         yield self.readAllAndClose(proxy, server, client, data)
         self.assertEqual(flow.outcome, Outcome.OK)
+        self.assertEqual(flow._splice.toServer.spliced, len(data))
+
+    @defer.inlineCallbacks
+    def test_writabilitySplicesOn(self) -> Any:
+        """
+        Once the slow server reads again, its leg's writability drains the
+        pipe and splices on from the client's socket while the client's
+        leg stays paused (no reactor round and no C{epoll_ctl} to read it
+        again first); every byte arrives, in order, within the bound.
+        """
+        net = Network(self)
+        serverPort, servers = net.server(pauseOnConnect=True, keep=False)
+        proxy = yield self.startProxy(net, serverPort)
+        client, server, flow = yield self.connected(net, proxy, servers)
+        data = pattern(16 * MiB, 5)
+        client.transport.write(data)
+        yield self.assertBounded(
+            flow, flow._splice.toServer, flow._accepted, flow._outgoing, client
+        )
+        self.pausedSource = flow._accepted
+        yield self.readAllAndClose(proxy, server, client, data)
+        self.assertGreater(self.whilePaused, 0)
+        self.assertLessEqual(self.mostHeld, self.maxBuffer)
+        self.assertEqual(flow.bytesFromClient, len(data))
         self.assertEqual(flow._splice.toServer.spliced, len(data))
 
     @defer.inlineCallbacks
@@ -784,10 +829,13 @@ class FallbackTests(SpliceTestCase):
         yield withTimeout(server.waitForBytes(len(before)), 10, "the first part")
         yield withTimeout(client.waitForBytes(len(before)), 10, "the first part")
         watcher = watching.watcherOf(flow)
+        legs = (flow._accepted.transport, flow._outgoing.transport)
+        self.assertEqual([unsentBound(t) for t in legs], [self.maxBuffer // 2] * 2)
         suspendedBefore = stats.suspended
         watcher.watch()
         self.assertFalse(flow._splice.active)
         self.assertEqual(stats.suspended, suspendedBefore + 1)
+        self.assertEqual([unsentBound(t) for t in legs], [0, 0])
         for transport in (flow._accepted.transport, flow._outgoing.transport):
             self.assertNotIn("doRead", vars(transport))
             self.assertNotIn("doWrite", vars(transport))
@@ -1267,6 +1315,100 @@ class LazyTests(SpliceTestCase):
         yield withTimeout(client.waitForBytes(2 * MiB), 10, "the second echo")
         self.assertEqual(client.received, first + second)
         self.assertEqual(b"".join(watcher.fromClient), first)
+
+
+class PumpTests(SpliceTestCase):
+    """
+    One event splices chunks in and out until the source has nothing more
+    (not just until a short chunk), but at most C{ROUNDS} of them, then
+    lets the reactor serve the others; the bytes are counted once per
+    event.  The kernel is replaced by a fake that says how much it moved.
+    """
+
+    @defer.inlineCallbacks
+    def pumping(self, chunks: list[int | None]) -> Any:
+        """
+        A spliced flow's client-to-server direction (its pipe made), and a
+        way to run its C{_pump} once with a fake C{splice}: splices into
+        the pipe return C{chunks} in turn (L{None}: C{EAGAIN}), splices out
+        of it move what it holds.
+
+        @return: The direction, a function that runs its C{_pump} with the
+            fake and returns the outcome, and the list of the calls the fake
+            got (the length asked for, and whether it was into the pipe).
+        """
+        net = Network(self)
+        serverPort, servers = net.server()
+        proxy = yield self.startProxy(net, serverPort)
+        client, server, flow = yield self.connected(net, proxy, servers)
+        client.transport.write(b"x")
+        yield withTimeout(server.waitForBytes(1), 10, "a first byte")
+        direction = flow._splice.toServer
+        calls: list[tuple[int, bool]] = []
+        left = list(chunks)
+
+        def fake(source: int, destination: int, count: int, **kwargs: Any) -> int:
+            into = destination == direction._pipe[1]
+            calls.append((count, into))
+            if not into:
+                return count
+            size = left.pop(0)
+            if size is None:
+                raise BlockingIOError(errno.EAGAIN, "would block")
+            return size
+
+        def pump() -> object:
+            real = spliceModule.splice
+            spliceModule.splice = fake
+            try:
+                return direction._pump()
+            finally:
+                spliceModule.splice = real
+
+        return direction, pump, calls
+
+    @defer.inlineCallbacks
+    def test_untilEmpty(self) -> Any:
+        """
+        Short chunks do not end the event: splicing goes on until the
+        source says C{EAGAIN}, and the flow counts every byte once.
+        """
+        direction, pump, calls = yield self.pumping([100, 7, 3000, None])
+        flow = direction.relay.flow
+        counted, spliced = flow.bytesFromClient, direction.spliced
+        self.assertIs(pump(), spliceModule._EMPTY)
+        self.assertEqual(
+            calls,
+            [(self.maxBuffer, True), (100, False), (self.maxBuffer, True), (7, False),
+             (self.maxBuffer, True), (3000, False), (self.maxBuffer, True)],
+        )
+        self.assertEqual(flow.bytesFromClient - counted, 3107)
+        self.assertEqual(direction.spliced - spliced, 3107)
+        self.assertEqual(direction.held, 0)
+
+    @defer.inlineCallbacks
+    def test_fairness(self) -> Any:
+        """
+        A source that always has more gets C{ROUNDS} chunks per event.
+        """
+        rounds = spliceModule.ROUNDS
+        direction, pump, calls = yield self.pumping([self.maxBuffer] * (rounds + 1))
+        self.assertIs(pump(), spliceModule._BUDGET)
+        self.assertEqual(
+            calls, [(self.maxBuffer, True), (self.maxBuffer, False)] * rounds
+        )
+
+    @defer.inlineCallbacks
+    def test_endOfFile(self) -> Any:
+        """
+        The source's end of file ends the event, after what came before it
+        went out.
+        """
+        direction, pump, calls = yield self.pumping([50, 0])
+        self.assertIs(pump(), spliceModule._END)
+        self.assertEqual(
+            calls, [(self.maxBuffer, True), (50, False), (self.maxBuffer, True)]
+        )
 
 
 class SettingTests(unittest.TestCase):
