@@ -10,7 +10,6 @@ and, for a file, the file.  See C{docs/configuration.md} for the reference.
 from __future__ import annotations
 
 import ipaddress
-import tomllib
 from typing import Any, Mapping
 
 from attrs import evolve, field, frozen
@@ -433,6 +432,9 @@ def loadConfig(path: str, **overrides: Any) -> ServiceConfig:
 
     @raise ConfigError: With the file's name and the bad key.
     """
+    # Imported here: a service started without a file does not load it.
+    import tomllib
+
     try:
         with open(path, "rb") as f:
             document = tomllib.load(f)

@@ -13,8 +13,9 @@ from attrs import field, frozen
 from twisted.logger import Logger
 
 from miniproxy.accesslog import logFlow, logRefusedAtAccept
-from miniproxy.address import DestinationSource, HostPort, NextHop
+from miniproxy.address import DestinationSource, HostPort, NextHop, splitEndpointDescription
 from miniproxy.connect import Dialer
+from miniproxy.errors import ConfigError
 from miniproxy.flowtable import FlowTable
 from miniproxy.interfaces import IFlowHandlerFactory, ISocketTuner
 from miniproxy.limits import Limits
@@ -25,6 +26,36 @@ _log = Logger(namespace="miniproxy.listener")
 SO_ORIGINAL_DST = 80
 #: The same for IPv6 (IP6T_SO_ORIGINAL_DST).
 IP6T_SO_ORIGINAL_DST = 80
+
+#: The endpoint kinds a worker group can share (L{miniproxy.workers}), and
+#: the ones L{parseListenDescription} reads.
+SHARED_KINDS = ("tcp", "tcp6", "tproxy")
+
+
+def parseListenDescription(description: str) -> tuple[str, str, int, int | None]:
+    """
+    Read a C{tcp}, C{tcp6} or C{tproxy} server endpoint description.
+
+    @return: C{(kind, interface, port, backlog)}; the backlog is L{None}
+        when the description gives none.
+    @raise ConfigError: If it is of another kind or malformed.
+    """
+    kind, positional, keywords = splitEndpointDescription(description)
+    if kind not in SHARED_KINDS:
+        raise ConfigError(
+            f"listen {description!r}: with workers, a listener must be one of "
+            f"{', '.join(SHARED_KINDS)}"
+        )
+    unknown = set(keywords) - {"port", "interface", "backlog"}
+    if unknown or len(positional) > 1 or (positional and "port" in keywords):
+        raise ConfigError(f"listen {description!r}: cannot be shared by workers")
+    default = {"tcp": "", "tcp6": "::", "tproxy": "0.0.0.0"}[kind]
+    try:
+        port = int(positional[0] if positional else keywords["port"])
+        backlog = int(keywords["backlog"]) if "backlog" in keywords else None
+    except (KeyError, ValueError):
+        raise ConfigError(f"listen {description!r}: bad or missing port or backlog") from None
+    return kind, keywords.get("interface", default), port, backlog
 
 
 @frozen

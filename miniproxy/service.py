@@ -8,25 +8,26 @@ from __future__ import annotations
 
 import gc
 from types import ModuleType
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
-from twisted.application.internet import StreamServerEndpointService
-from twisted.application.service import MultiService
+from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, FirstError, fail, gatherResults, succeed
 from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from miniproxy.config import ServiceConfig
-from miniproxy.earlysyn import EarlySyns
-from miniproxy.optionemitter import OptionEmitter
 from miniproxy.errors import ConfigError, FunctionError
 from miniproxy.flow import ConnectMode
 from miniproxy.flowtable import FlowTable
 from miniproxy.interfaces import IFlowHandlerFactory
 from miniproxy.legs import AcceptedLegFactory
 from miniproxy.tcpclient import enableFastOpenListener
-from miniproxy.listener import ListenerContext, ListenerSettings
+from miniproxy.listener import ListenerContext, ListenerSettings, parseListenDescription
+
+if TYPE_CHECKING:
+    from miniproxy.earlysyn import EarlySyns
+    from miniproxy.optionemitter import OptionEmitter
 
 _log = Logger(namespace="miniproxy.service")
 
@@ -219,8 +220,6 @@ def serverEndpoint(reactor: Any, description: str, backlog: int) -> Any:
 
     @raise ConfigError: If the description is bad.
     """
-    from miniproxy.workers import parseListenDescription
-
     try:
         kind, interface, port, given = parseListenDescription(description)
     except ConfigError:
@@ -235,7 +234,103 @@ def serverEndpoint(reactor: Any, description: str, backlog: int) -> Any:
         raise ConfigError(f"bad listen endpoint {description!r}: {e}") from None
 
 
-def _portOf(service: StreamServerEndpointService) -> Deferred:
+class ListenerService(Service):
+    """
+    One listener of a L{ProxyService}: it listens on its endpoint with its
+    factory when it starts (or, under twistd, when the privileged start-up
+    runs), and stops listening when it stops.
+
+    This is Twisted's C{StreamServerEndpointService}, with the same
+    attributes and behaviour, without its module:
+    C{twisted.application.internet} imports Twisted's client service and
+    C{automat} with it, which miniproxy never uses (about a tenth of the
+    start-up's imports).
+
+    @ivar endpoint: The server endpoint.
+    @ivar factory: The factory it listens with.
+    @ivar _waitingForPort: The L{Deferred} of the endpoint's C{listen}, once
+        called, else L{None}.
+    @ivar _raiseSynchronously: Whether a C{listen} that fails at once
+        raises from the privileged start-up (instead of being logged).
+    """
+
+    _raiseSynchronously = False
+
+    def __init__(self, endpoint: Any, factory: Any) -> None:
+        self.endpoint = endpoint
+        self.factory = factory
+        self._waitingForPort: Deferred | None = None
+
+    def privilegedStartService(self) -> None:
+        """
+        Start listening on the endpoint.
+        """
+        Service.privilegedStartService(self)
+        self._waitingForPort = self.endpoint.listen(self.factory)
+        raisedNow: list[Failure] = []
+
+        def handleIt(err: Failure) -> None:
+            from twisted.internet.defer import CancelledError
+
+            if self._raiseSynchronously:
+                raisedNow.append(err)
+            elif not err.check(CancelledError):
+                _log.failure("listener {endpoint!r} did not listen", err, endpoint=self.endpoint)
+
+        self._waitingForPort.addErrback(handleIt)
+        if raisedNow:
+            raisedNow[0].raiseException()
+        self._raiseSynchronously = False
+
+    def startService(self) -> None:
+        """
+        Start listening on the endpoint, unless L{privilegedStartService}
+        did already.
+        """
+        Service.startService(self)
+        if self._waitingForPort is None:
+            self.privilegedStartService()
+
+    def stopService(self) -> Deferred:
+        """
+        Stop listening if it listens, or cancel the attempt to listen.
+
+        @return: A L{Deferred} firing with L{None} once it no longer
+            listens.
+        """
+        self._waitingForPort.cancel()  # type: ignore[union-attr]
+
+        def stopIt(port: Any) -> Any:
+            if port is not None:
+                return port.stopListening()
+            return None
+
+        d = self._waitingForPort.addCallback(stopIt)  # type: ignore[union-attr]
+
+        def stop(passthrough: object) -> object:
+            self.running = False
+            return passthrough
+
+        return d.addBoth(stop)
+
+
+class _SharedEmitter:
+    """
+    A service's option emitter, as its listeners' dialers see it: the
+    shared emitter is acquired (and its modules imported) the first time a
+    leg carries its destination in a TCP option.
+    """
+
+    __slots__ = ("_service",)
+
+    def __init__(self, service: ProxyService) -> None:
+        self._service = service
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._service.optionEmitter, name)
+
+
+def _portOf(service: ListenerService) -> Deferred:
     """
     A new L{Deferred} with the result of a started listener's
     C{_waitingForPort}.  Never hand out C{_waitingForPort} itself: whoever
@@ -257,7 +352,7 @@ def _portOf(service: StreamServerEndpointService) -> Deferred:
 
 class ProxyService(MultiService):
     """
-    A running miniproxy: one L{StreamServerEndpointService} per listener.
+    A running miniproxy: one L{ListenerService} per listener.
 
     @ivar config: The service's configuration.
     @ivar table: The open flows of every listener.
@@ -298,22 +393,48 @@ class ProxyService(MultiService):
             functions if functions is not None else configureFunctions(config, reactor)
         )
         self.onFlowClosed = onFlowClosed
-        self.early = EarlySyns(reactor, config.limits, share=share)
-        # Started when a leg first carries its destination in a TCP option.
-        self.optionEmitter = OptionEmitter.shared(reactor)
-        self.listeners: list[StreamServerEndpointService] = []
+        self._share = share
+        self._early: EarlySyns | None = None
+        self._optionEmitter: OptionEmitter | None = None
+        self.listeners: list[ListenerService] = []
         try:
             for i, settings in enumerate(config.listeners):
                 self._makeListener(settings, endpoints[i] if endpoints is not None else None)
         except BaseException:
             # A bad listener: this service never runs, so it never stops
             # and would keep the shared emitter (and its iptables rule).
-            self.optionEmitter.release()
+            if self._optionEmitter is not None:
+                self._optionEmitter.release()
             raise
+
+    @property
+    def early(self) -> EarlySyns:
+        """
+        The SYN taps of the early-mode listeners, made (and the SYN tap's
+        modules imported) when first wanted.
+        """
+        if self._early is None:
+            from miniproxy.earlysyn import EarlySyns
+
+            self._early = EarlySyns(self.reactor, self.config.limits, share=self._share)
+        return self._early
+
+    @property
+    def optionEmitter(self) -> OptionEmitter:
+        """
+        This process's shared option emitter (L{OptionEmitter.shared}),
+        acquired when first wanted (when a leg first carries its
+        destination in a TCP option) and released when the service stops.
+        """
+        if self._optionEmitter is None:
+            from miniproxy.optionemitter import OptionEmitter
+
+            self._optionEmitter = OptionEmitter.shared(self.reactor)
+        return self._optionEmitter
 
     def _makeListener(
         self, settings: ListenerSettings, endpoint: Any = None, name: str | None = None
-    ) -> StreamServerEndpointService:
+    ) -> ListenerService:
         if name is None:
             number = len(self.listeners) + 1
             while f"listener-{number}" in self.namedServices:
@@ -342,8 +463,8 @@ class ProxyService(MultiService):
             )
         if settings.mode is ConnectMode.EARLY and settings.synTap:
             context.early = self.early
-        context.dialer.optionEmitter = self.optionEmitter
-        service = StreamServerEndpointService(endpoint, AcceptedLegFactory(context))
+        context.dialer.optionEmitter = _SharedEmitter(self)
+        service = ListenerService(endpoint, AcceptedLegFactory(context))
         service.listenerContext = context  # type: ignore[attr-defined]
         # Fail twistd's start-up when a port cannot be bound, instead of
         # logging and running with no listener.
@@ -384,7 +505,7 @@ class ProxyService(MultiService):
             self._announce(service)
         return _portOf(service)
 
-    def listenerNamed(self, name: str) -> StreamServerEndpointService:
+    def listenerNamed(self, name: str) -> ListenerService:
         """
         The listener named C{name}.
 
@@ -469,7 +590,7 @@ class ProxyService(MultiService):
         for service in self.listeners:
             self._announce(service)
 
-    def _announce(self, service: StreamServerEndpointService) -> None:
+    def _announce(self, service: ListenerService) -> None:
         def announce(port: Any) -> Any:
             address = port.getHost()
             _log.info(
@@ -483,7 +604,7 @@ class ProxyService(MultiService):
             service._waitingForPort.addCallback(announce)
             service._waitingForPort.addCallback(self._tap, service)
 
-    def _tap(self, port: Any, service: StreamServerEndpointService) -> Any:
+    def _tap(self, port: Any, service: ListenerService) -> Any:
         """
         Once a listener listens: let it accept TCP Fast Open SYNs, and
         start the SYN tap of an early-mode listener.
@@ -527,8 +648,10 @@ class ProxyService(MultiService):
         Stop listening, then reset the flows still open.
         """
         d = super().stopService()
-        self.early.stop()
-        self.optionEmitter.release()
+        if self._early is not None:
+            self._early.stop()
+        if self._optionEmitter is not None:
+            self._optionEmitter.release()
 
         def closeFlows(result: object) -> object:
             for flow in list(self.table.flows):

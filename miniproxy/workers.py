@@ -90,8 +90,7 @@ from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.internet.protocol import ProcessProtocol, Protocol
 from twisted.logger import Logger
 
-from miniproxy.address import splitEndpointDescription
-from miniproxy.errors import ConfigError
+from miniproxy.listener import SHARED_KINDS, parseListenDescription
 from miniproxy.syntap import steeringInstructions, workerOf
 
 _log = Logger(namespace="miniproxy.workers")
@@ -99,6 +98,7 @@ _log = Logger(namespace="miniproxy.workers")
 __all__ = [
     "WorkerGroup",
     "SharedListener",
+    "SHARED_KINDS",
     "parseListenDescription",
     "steeringProgram",
     "workerOf",
@@ -109,9 +109,6 @@ __all__ = [
 SO_ATTACH_REUSEPORT_CBPF = 51
 #: Classic BPF's offset of the network header (C{SKF_NET_OFF}).
 SKF_NET_OFF = -0x100000
-
-#: The endpoint kinds a worker group can share.
-SHARED_KINDS = ("tcp", "tcp6", "tproxy")
 
 #: The first descriptor of a worker's listening sockets.
 FIRST_LISTENER_FD = 4
@@ -175,32 +172,6 @@ def attachSteering(sock: socket.socket, workers: int) -> None:
     buffer = ctypes.create_string_buffer(raw)
     fprog = struct.pack("HL", len(program), ctypes.addressof(buffer))
     sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_REUSEPORT_CBPF, fprog)
-
-
-def parseListenDescription(description: str) -> tuple[str, str, int, int | None]:
-    """
-    Read a C{tcp}, C{tcp6} or C{tproxy} server endpoint description.
-
-    @return: C{(kind, interface, port, backlog)}; the backlog is L{None}
-        when the description gives none.
-    @raise ConfigError: If it is of another kind or malformed.
-    """
-    kind, positional, keywords = splitEndpointDescription(description)
-    if kind not in SHARED_KINDS:
-        raise ConfigError(
-            f"listen {description!r}: with workers, a listener must be one of "
-            f"{', '.join(SHARED_KINDS)}"
-        )
-    unknown = set(keywords) - {"port", "interface", "backlog"}
-    if unknown or len(positional) > 1 or (positional and "port" in keywords):
-        raise ConfigError(f"listen {description!r}: cannot be shared by workers")
-    default = {"tcp": "", "tcp6": "::", "tproxy": "0.0.0.0"}[kind]
-    try:
-        port = int(positional[0] if positional else keywords["port"])
-        backlog = int(keywords["backlog"]) if "backlog" in keywords else None
-    except (KeyError, ValueError):
-        raise ConfigError(f"listen {description!r}: bad or missing port or backlog") from None
-    return kind, keywords.get("interface", default), port, backlog
 
 
 class SharedListener:
