@@ -283,7 +283,7 @@ class ConsoleScriptTests(unittest.TestCase):
 
 #: Run C{python -m miniproxy} with the arguments given, printing on
 #: standard output, once it listens and at the end of each flow, which of
-#: the modules a plain TCP relay does without were imported by then.
+#: the modules C{WATCHED_MODULES} (see L{_watching}) were imported by then.
 _WATCHED = """
 import sys
 from miniproxy.run import deferImports, main
@@ -292,8 +292,7 @@ from miniproxy.run import deferImports, main
 deferImports()
 from twisted.logger import globalLogPublisher
 
-HEAVY = ("OpenSSL", "cryptography", "service_identity", "twisted.internet.ssl",
-         "twisted.internet.endpoints", "urllib.request", "miniproxy.functions.discovery")
+HEAVY = WATCHED_MODULES
 
 def watch(event):
     moment = None
@@ -312,6 +311,28 @@ sys.exit(main(sys.argv[1:]))
 
 #: What L{_WATCHED} prints: the moment, and the modules imported by then.
 _IMPORTED = re.compile(rb"(.+): imported: \[(.*)\]")
+
+#: The modules a plain TCP relay does without: the TLS stack, Twisted's
+#: endpoint parser, C{urllib.request} and the function discovery.
+_TLS_MODULES = ("OpenSSL", "cryptography", "service_identity", "twisted.internet.ssl",
+                "twisted.internet.endpoints", "urllib.request",
+                "miniproxy.functions.discovery")
+
+#: The modules an C{accept}-mode relay with no config file and no function
+#: does without: the SYN tap, the option emitter (and its netfilter
+#: queue), the workers, the explicit destination carriers, the config
+#: file's parser, Twisted's client services and C{automat}.
+_ACCEPT_MODULES = ("miniproxy.syntap", "miniproxy.earlysyn", "miniproxy.optionemitter",
+                   "miniproxy.nfqueue", "miniproxy.wire.packet", "miniproxy.wire.proxyv2",
+                   "miniproxy.workers", "miniproxy.carriers", "tomllib",
+                   "twisted.application.internet", "automat")
+
+
+def _watching(modules: tuple[str, ...]) -> str:
+    """
+    L{_WATCHED}, watching C{modules}.
+    """
+    return _WATCHED.replace("WATCHED_MODULES", repr(modules))
 
 #: Import the reactor as C{python -m miniproxy} does with no TLS
 #: configured, then check that TCP works, that TLS fails with an
@@ -531,11 +552,45 @@ class LeanCommandTests(TwistdTestCase):
         net = Network(self)
         serverPort, _ = net.server(echo=True)
         child, port = yield self.startLean(
-            f"tcp:host=127.0.0.1:port={serverPort}", script=_WATCHED)
+            f"tcp:host=127.0.0.1:port={serverPort}", script=_watching(_TLS_MODULES))
         yield self.echo(net, port, b"x" * 1000)
         found = yield child.waitFor(_IMPORTED, 2)
         self.assertEqual([m.groups() for m in found],
                          [(b"listening", b""), (b"flow closed", b"")])
+
+    @defer.inlineCallbacks
+    def test_acceptModeImports(self) -> Any:
+        """
+        In C{accept} mode with no config file and no function, the first
+        flow is relayed and closed without the SYN tap, the option
+        emitter, the workers, the carriers, C{tomllib},
+        C{twisted.application.internet} or C{automat} ever imported.
+        """
+        net = Network(self)
+        serverPort, _ = net.server(echo=True)
+        child, port = yield self.startLean(
+            f"tcp:host=127.0.0.1:port={serverPort}", "--mode", "accept",
+            script=_watching(_ACCEPT_MODULES))
+        yield self.echo(net, port, b"x" * 1000)
+        found = yield child.waitFor(_IMPORTED, 2)
+        self.assertEqual([m.groups() for m in found],
+                         [(b"listening", b""), (b"flow closed", b"")])
+
+    @defer.inlineCallbacks
+    def test_earlyModeImportsTap(self) -> Any:
+        """
+        In C{early} mode, the SYN tap's modules are imported before the
+        proxy listens (the watcher of L{test_acceptModeImports} sees them
+        when they are there).
+        """
+        net = Network(self)
+        serverPort, _ = net.server(echo=True)
+        child, port = yield self.startLean(
+            f"tcp:host=127.0.0.1:port={serverPort}", "--mode", "early",
+            script=_watching(("miniproxy.earlysyn", "miniproxy.syntap", "automat")))
+        [found] = yield child.waitFor(_IMPORTED)
+        self.assertEqual(found.groups(),
+                         (b"listening", b"miniproxy.earlysyn miniproxy.syntap"))
 
     @defer.inlineCallbacks
     def test_tlsNextHop(self) -> Any:
@@ -552,7 +607,8 @@ class LeanCommandTests(TwistdTestCase):
         serverPort = listenTLS(net, factory, authority.issue("127.0.0.1"))
         ca = authority.writeCertificate(os.path.join(self.workdir, "ca.pem"))
         child, port = yield self.startLean(
-            f"tls:host=127.0.0.1:port={serverPort}:trustRoots={ca}", script=_WATCHED)
+            f"tls:host=127.0.0.1:port={serverPort}:trustRoots={ca}",
+            script=_watching(_TLS_MODULES))
         yield self.echo(net, port, b"y" * 1000)
         [match] = yield child.waitFor(_IMPORTED)
         self.assertEqual(match.group(1), b"listening")

@@ -12,6 +12,7 @@ import socket
 from typing import Any
 
 from twisted.internet import defer, error
+from twisted.internet.testing import MemoryReactor
 from twisted.trial import unittest
 
 from miniproxy.address import NextHop
@@ -19,7 +20,7 @@ from miniproxy.config import buildConfig
 from miniproxy.errors import ConfigError
 from miniproxy.flow import ConnectMode, Flow, Outcome
 from miniproxy.listener import ListenerSettings
-from miniproxy.service import ProxyService, withBacklog
+from miniproxy.service import ListenerService, ProxyService, withBacklog
 from tests.support import TEST_TIMEOUT, LogCapture, Network, waitUntil, withTimeout
 
 LOCAL = "tcp:0:interface=127.0.0.1"
@@ -351,6 +352,154 @@ class AcceptBatchTests(unittest.TestCase):
         self.successResultOf(endpoint.listen(Factory()))
         [(port, _, backlog, interface)] = reactor.tcpServers
         self.assertEqual((port, backlog, interface), (8080, 9, "127.0.0.1"))
+
+
+class StoppablePort:
+    """
+    A listening port that records that it was stopped.
+    """
+
+    stopped = False
+
+    def stopListening(self) -> None:
+        self.stopped = True
+
+
+class ListenerServiceTests(unittest.TestCase):
+    """
+    L{ListenerService} behaves as Twisted's C{StreamServerEndpointService}:
+    it listens once, when started or at the privileged start-up; a listen
+    that fails at once raises when asked to and is logged otherwise; it
+    stops listening, or cancels the listen, when stopped.
+    """
+
+    def listener(self, result: Any = None) -> tuple[ListenerService, list[Any]]:
+        """
+        A L{ListenerService} on an endpoint whose C{listen} records its
+        factory and returns C{result} (by default, a new L{defer.Deferred}).
+        """
+        calls: list[Any] = []
+        factory = object()
+
+        class Endpoint:
+            def listen(self, given: Any) -> defer.Deferred:
+                calls.append(given)
+                return result if result is not None else defer.Deferred()
+
+        service = ListenerService(Endpoint(), factory)
+        self.assertIs(service.factory, factory)
+        return service, calls
+
+    def test_listensOnce(self) -> None:
+        """
+        The privileged start-up listens with the factory; starting the
+        service afterwards does not listen again, and stopping it stops
+        the port listening and the service running.
+        """
+        port = StoppablePort()
+        service, calls = self.listener(defer.succeed(port))
+        service._raiseSynchronously = True
+        service.privilegedStartService()
+        self.assertFalse(service._raiseSynchronously)
+        service.startService()
+        self.assertEqual(calls, [service.factory])
+        self.assertTrue(service.running)
+        stopped = service.stopService()
+        self.assertTrue(port.stopped)
+        self.assertFalse(service.running)
+        self.assertIsNone(self.successResultOf(stopped))
+
+    def test_startListens(self) -> None:
+        """
+        Starting a service that had no privileged start-up listens.
+        """
+        service, calls = self.listener(defer.succeed(StoppablePort()))
+        self.assertIsNone(service._waitingForPort)
+        service.startService()
+        self.assertEqual(calls, [service.factory])
+
+    def test_raisesAtOnce(self) -> None:
+        """
+        With C{_raiseSynchronously}, a listen that fails at once raises its
+        error from the privileged start-up, and logs nothing.
+        """
+        service, _ = self.listener(defer.fail(error.CannotListenError("", 1, None)))
+        service._raiseSynchronously = True
+        self.assertRaises(error.CannotListenError, service.privilegedStartService)
+        self.assertEqual(self.flushLoggedErrors(), [])
+
+    def test_logsFailure(self) -> None:
+        """
+        Without C{_raiseSynchronously}, a listen that fails is logged.
+        """
+        service, _ = self.listener(defer.fail(error.CannotListenError("", 1, None)))
+        service.startService()
+        self.assertEqual(len(self.flushLoggedErrors(error.CannotListenError)), 1)
+
+    def test_stopCancels(self) -> None:
+        """
+        Stopping a service that is not listening yet cancels the listen;
+        it is stopped, and the cancellation is not logged as an error.
+        """
+        cancelled: list[defer.Deferred] = []
+        service, _ = self.listener(defer.Deferred(cancelled.append))
+        service.startService()
+        stopped = service.stopService()
+        self.assertEqual(cancelled, [service._waitingForPort])
+        self.assertIsNone(self.successResultOf(stopped))
+        self.assertFalse(service.running)
+        self.assertEqual(self.flushLoggedErrors(), [])
+
+
+class LazyPartsTests(unittest.TestCase):
+    """
+    A L{ProxyService} makes its SYN taps and takes its share of the option
+    emitter only when something wants them, and gives back only what it
+    took.
+    """
+
+    def service(self, mode: str) -> ProxyService:
+        config = buildConfig({}, listen=[LOCAL], to="tcp:host=127.0.0.1:port=9", mode=mode)
+        return ProxyService(config, MemoryReactor())
+
+    def test_acceptMode(self) -> None:
+        """
+        An C{accept}-mode service has neither SYN taps nor an emitter, not
+        even once it has started and stopped.
+        """
+        service = self.service("accept")
+        self.assertIsNone(service.listeners[0].listenerContext.early)
+        service.startService()
+        self.successResultOf(service.stopService())
+        self.assertIsNone(service._early)
+        self.assertIsNone(service._optionEmitter)
+
+    def test_earlyMode(self) -> None:
+        """
+        An C{early}-mode listener is given the service's SYN taps.
+        """
+        service = self.service("early")
+        self.assertIsNotNone(service._early)
+        self.assertIs(service.listeners[0].listenerContext.early, service.early)
+        self.assertIsNone(service._optionEmitter)
+
+    def test_emitterOnFirstUse(self) -> None:
+        """
+        A listener's dialer takes the service's share of the shared
+        emitter on its first use of it, and stopping the service gives it
+        back.
+        """
+        service = self.service("accept")
+        dialer = service.listeners[0].listenerContext.dialer
+        mark = dialer.optionEmitter.mark
+        emitter = service._optionEmitter
+        self.assertIsNotNone(emitter)
+        self.assertEqual(mark, emitter.mark)
+        self.assertIs(service.optionEmitter, emitter)
+        self.assertEqual(emitter._users, 1)
+        service.startService()
+        self.successResultOf(service.stopService())
+        self.assertEqual(emitter._users, 0)
 
 
 class GarbageCollectorTests(unittest.TestCase):
