@@ -17,13 +17,24 @@ does).
 The relay plugs into Twisted's reactor the way Twisted's own
 C{abortConnection} does: it replaces methods on the transport instance.
 The source transport's C{doRead} splices from the socket into the pipe,
-then from the pipe into the sink's socket.  When the sink's socket cannot
-take everything, the source stops being read (the pause bit
+then from the pipe into the sink's socket, and again, until the source has
+nothing more (C{EAGAIN}) or C{ROUNDS} chunks went through (then the other
+descriptors have their turn).  When the sink's socket cannot take
+everything, the source stops being read (the pause bit
 L{miniproxy.flow.PAUSED_SPLICE}) and the sink's transport waits to be
-writable (C{startWriting}); its C{doWrite} drains the pipe first, then runs
+writable (C{startWriting}); its C{doWrite} drains the pipe first, then goes
+on splicing from the source, still paused, while the sink takes the bytes
+(so a relay bound by its sink changes no C{epoll} interest: no
+C{epoll_ctl} per pipe), and once the source has nothing more runs
 Twisted's own C{doWrite} for what the transport itself holds and for its
 half-close and close, and reads the source again once both are empty.
 While the sink's transport holds bytes, the source waits the same way.
+While a direction is spliced, its sink's socket takes bytes only while it
+holds less than half the bound unsent (C{TCP_NOTSENT_LOWAT}; put back
+when the direction leaves the splice path): the rest waits in the pipe or
+in the source's socket, and the proxy sends it when the sink is writable,
+instead of the receiver's acknowledgements clocking it out of a long send
+queue on the receiver's CPU.
 The epoll reactor keys descriptors by their number,
 so the relay registers no object of its own: it only uses the two
 transports.
@@ -37,7 +48,10 @@ The semantics of the userspace relay hold:
    (L{SpliceRelay.beforeWrite} moves what the pipe holds into the
    transport first);
  - backpressure: a pipe holds at most the flow's buffer bound
-   (C{max-buffer}); while it holds anything, the source is not read;
+   (C{max-buffer}); while it holds anything, the source is not read
+   through the reactor (the sink's writability splices on from it only
+   once the pipe is empty), and the sink's socket holds at most half the
+   bound unsent;
  - half-close: the source's end of file is read only once its pipe is
    empty, so the FIN it becomes follows every byte;
  - resets, idle timeouts, byte counts, first-byte times and the access log
@@ -198,6 +212,11 @@ class _Direction:
         (see L{flush}) so far.
     @ivar attached: Whether the transports' methods are replaced.
     @ivar ended: Whether the source's end of file was read.
+    @ivar sinkError: The sink's connection broke during a splice: its
+        C{doWrite} reports this (C{main.CONNECTION_LOST}), or L{None}.
+    @ivar sourceError: The source's connection broke during a splice made
+        from the sink's C{doWrite}: the source's C{doRead} reports this, or
+        L{None}.
     """
 
     __slots__ = (
@@ -415,13 +434,16 @@ class _Direction:
             if self.held:
                 return None
         transport: Any = self.sink.transport
+        source = self.source
         if (
             self.attached
             and self._pipe is not None
-            and self.source._paused == PAUSED_SPLICE
+            # Paused for the pipe alone: what would read it again now.
+            and source._paused == PAUSED_SPLICE
+            and not (source.readClosed or source.disconnected or source.aborting)
+            and not source.transport.disconnecting  # type: ignore[union-attr]
             and self.sourceError is None
             and not self.ended
-            and not self.source.readClosed
             and not buffered(transport)
             and not transport.disconnecting
             and not transport._writeDisconnecting

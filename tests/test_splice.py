@@ -932,9 +932,16 @@ class FallbackTests(SpliceTestCase):
         # Never paused by its transport: the proxy reads whatever comes
         # while that transport holds bytes.
         flow._outgoing.transport.bufferSize = 1 << 30
-        first, second = pattern(4 * MiB, 9), pattern(MiB, 10)
-        client.transport.write(first)
-        yield waitUntil(lambda: flow.bytesFromClient == len(first), "the first part")
+        # Write until the outgoing transport holds bytes: the kernel's
+        # buffers towards the paused server may take a few MiB first.
+        first, second = b"", pattern(MiB, 10)
+        for seed in range(9, 9 + 16):
+            part = pattern(4 * MiB, seed)
+            first += part
+            client.transport.write(part)
+            yield waitUntil(lambda: flow.bytesFromClient == len(first), "the first part")
+            if buffered(flow._outgoing.transport):
+                break
         held = buffered(flow._outgoing.transport)
         self.assertGreater(held, 0)
         watching.watcherOf(flow).watch(False)
