@@ -30,7 +30,7 @@ Twisted's own C{doWrite} for what the transport itself holds and for its
 half-close and close, and reads the source again once both are empty.
 While the sink's transport holds bytes, the source waits the same way.
 While a direction is spliced, its sink's socket takes bytes only while it
-holds less than half the bound unsent (C{TCP_NOTSENT_LOWAT}; put back
+holds less than the bound unsent (C{TCP_NOTSENT_LOWAT}; put back
 when the direction leaves the splice path): the rest waits in the pipe or
 in the source's socket, and the proxy sends it when the sink is writable,
 instead of the receiver's acknowledgements clocking it out of a long send
@@ -50,8 +50,8 @@ The semantics of the userspace relay hold:
  - backpressure: a pipe holds at most the flow's buffer bound
    (C{max-buffer}); while it holds anything, the source is not read
    through the reactor (the sink's writability splices on from it only
-   once the pipe is empty), and the sink's socket holds at most half the
-   bound unsent;
+   once the pipe is empty), and the sink's socket takes bytes only while
+   it holds less than the bound unsent;
  - half-close: the source's end of file is read only once its pipe is
    empty, so the FIN it becomes follows every byte;
  - resets, idle timeouts, byte counts, first-byte times and the access log
@@ -300,7 +300,7 @@ class _Direction:
         sink.doWrite = self.doWrite
         self.attached = True
         # While spliced, the sink's socket takes bytes only while it holds
-        # less than half the bound unsent: the rest waits in the pipe (or
+        # less than the bound unsent: the rest waits in the pipe (or
         # the source's socket), and this process sends it when the sink is
         # writable, rather than the peer's acknowledgements clocking it out
         # of a long send queue (on the peer's CPU, for a local peer).
@@ -339,9 +339,9 @@ class _Direction:
     def unsentBound(self) -> int:
         """
         The most bytes the sink's socket holds unsent while this direction
-        is spliced (its C{TCP_NOTSENT_LOWAT}): half the bound.
+        is spliced (its C{TCP_NOTSENT_LOWAT}): the bound.
         """
-        return max(self.bound // 2, 1)
+        return self.bound
 
     def closePipe(self) -> None:
         """

@@ -616,7 +616,7 @@ class BackpressureTests(SpliceTestCase):
         self.assertIn(sink.transport, sink.transport.reactor.getWriters())
         self.assertGreater(self.mostHeld, 0)
         self.assertLessEqual(self.mostHeld, self.maxBuffer)
-        self.assertEqual(unsentBound(sink.transport), self.maxBuffer // 2)
+        self.assertEqual(unsentBound(sink.transport), self.maxBuffer)
 
     @defer.inlineCallbacks
     def test_slowServer(self) -> Any:
@@ -830,7 +830,7 @@ class FallbackTests(SpliceTestCase):
         yield withTimeout(client.waitForBytes(len(before)), 10, "the first part")
         watcher = watching.watcherOf(flow)
         legs = (flow._accepted.transport, flow._outgoing.transport)
-        self.assertEqual([unsentBound(t) for t in legs], [self.maxBuffer // 2] * 2)
+        self.assertEqual([unsentBound(t) for t in legs], [self.maxBuffer] * 2)
         suspendedBefore = stats.suspended
         watcher.watch()
         self.assertFalse(flow._splice.active)
