@@ -877,7 +877,11 @@ class Flow:
             return
         self._finToServer = True
         if self._outgoing is not None:
-            self._shutdownWrite(self._outgoing)
+            if self._toServer is None:
+                self._shutdownWrite(self._outgoing)
+            # Otherwise bytes are still held for the leg (an
+            # outgoingConnected hook half-closes before they are written):
+            # outgoingLegMade sends the FIN after them.
         elif (
             self.startedBy is None
             and self.outcome is None

@@ -401,7 +401,11 @@ class RealSocketTests(unittest.TestCase):
     timeout = 30
 
     def proxyTo(
-        self, serverProtocol: Any, functions: Any, limits: Limits
+        self,
+        serverProtocol: Any,
+        functions: Any,
+        limits: Limits,
+        mode: ConnectMode = ConnectMode.EARLY,
     ) -> tuple[int, defer.Deferred]:
         """
         Listen with C{serverProtocol} and with a proxy to it, on loopback;
@@ -428,7 +432,7 @@ class RealSocketTests(unittest.TestCase):
             reactor,
             ListenerSettings(
                 "tcp:0",
-                ConnectMode.EARLY,
+                mode,
                 NextHop(HostPort("127.0.0.1", serverPort.getHost().port)),
             ),
             limits,
@@ -510,6 +514,49 @@ class RealSocketTests(unittest.TestCase):
             self.assertEqual(flow.bytesFromClient, 0)
 
         return defer.gatherResults([serverDone, flowClosed, clientLost]).addCallback(check)
+
+    def test_finAfterHeldBytes(self) -> None:
+        """
+        A function that half-closes to the server from its
+        C{outgoingConnected} hook, while the client's first bytes are still
+        held for the leg (mode C{first-data}), gets the FIN after them: the
+        FIN at once only leaves a transport that holds nothing, and the
+        held bytes are not written yet.
+        """
+        from twisted.internet import reactor
+        from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+
+        def finNow(flow: Flow) -> Verdict:
+            flow.halfCloseToServer()
+            return STOP
+
+        serverDone: defer.Deferred = defer.Deferred()
+        port, flowClosed = self.proxyTo(
+            lambda: CountingServer(serverDone),
+            [("fin", RecordingFunction(verdicts={"outgoingConnected": finNow}))],
+            Limits(),
+            ConnectMode.FIRST_DATA,
+        )
+
+        @implementer(IHalfCloseableProtocol)
+        class Client(Protocol):
+            def connectionMade(self) -> None:
+                self.transport.write(b"held first")  # type: ignore[union-attr]
+
+            def readConnectionLost(self) -> None:
+                self.transport.loseConnection()  # type: ignore[union-attr]
+
+            def writeConnectionLost(self) -> None:
+                pass
+
+        client = Client()
+        self.connectClient(client)
+        connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), client)
+
+        def check(received: int) -> None:
+            self.assertEqual(received, len(b"held first"))
+
+        return serverDone.addCallback(check)
 
     def test_relay(self) -> None:
         """
