@@ -401,15 +401,22 @@ class _TunedClient6(_TunedClient):
 
 class _TunedConnector(tcp.Connector):
     def __init__(self, endpoint: TunedTCPClientEndpoint, factory: Any) -> None:
-        # What tcp.Connector.__init__ sets, from what the endpoint worked
-        # out once.
         self._socketOptions = endpoint.options
         self._onSocket = endpoint.onSocket
         target = self._target = endpoint._target
+        if target is None:
+            # A name (or a service name for a port): Twisted's own checks.
+            super().__init__(
+                endpoint._host, endpoint._port, factory, endpoint._timeout,
+                endpoint._bindAddress, endpoint._reactor,
+            )
+            return
+        # What tcp.Connector.__init__ sets, from what the endpoint worked
+        # out once.
         self.host = endpoint._host
         self.port = endpoint._port
         self.bindAddress = endpoint._bindAddress
-        if target is not None and target.clientClass is _TunedClient6:
+        if target.clientClass is _TunedClient6:
             self._addressType = address.IPv6Address
         base.BaseConnector.__init__(self, factory, endpoint._timeout, endpoint._reactor)
 

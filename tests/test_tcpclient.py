@@ -269,6 +269,23 @@ class TunedEndpointTests(unittest.TestCase):
         data = yield arrived
         self.assertEqual(data, b"bound.")
 
+    @defer.inlineCallbacks
+    def test_name(self):  # type: ignore[no-untyped-def]
+        """
+        A name is resolved by Twisted's own client, as before.
+        """
+        sender = Sender(b"named.")
+        endpoint = TunedTCPClientEndpoint(self.reactor, "localhost", self.number, timeout=5)
+        self.assertIsNone(endpoint._target)
+        arrived: defer.Deferred[bytes] = defer.Deferred()
+        self.received.append(arrived)
+        try:
+            yield endpoint.connect(Factory.forProtocol(lambda: sender))
+        except OSError as e:
+            raise unittest.SkipTest(f"localhost does not reach 127.0.0.1 here: {e}")
+        data = yield arrived
+        self.assertEqual(data, b"named.")
+
     def test_targets(self) -> None:
         """
         An IPv4 literal connects as itself; an IPv6 one with Twisted's
