@@ -460,6 +460,25 @@ class RealSocketTests(unittest.TestCase):
         self.addCleanup(cleanUp)
         return proxyPort.getHost().port, flowClosed
 
+    def proxyToCounting(
+        self, hook: str, answer: Any, limits: Limits, mode: ConnectMode = ConnectMode.EARLY
+    ) -> tuple[int, defer.Deferred, defer.Deferred]:
+        """
+        L{proxyTo} a L{CountingServer}, through a function whose C{hook}
+        answers with C{answer}.
+
+        @return: The proxy's port, the flow's L{Deferred} (see L{proxyTo})
+            and one firing with the bytes the server received.
+        """
+        serverDone: defer.Deferred = defer.Deferred()
+        port, flowClosed = self.proxyTo(
+            lambda: CountingServer(serverDone),
+            [(hook, RecordingFunction(verdicts={hook: answer}))],
+            limits,
+            mode,
+        )
+        return port, flowClosed, serverDone
+
     def connectClient(self, client: Protocol) -> None:
         """
         Reset C{client} after the test if it is still connected.
@@ -495,11 +514,8 @@ class RealSocketTests(unittest.TestCase):
             flow.halfCloseToServer()
             return STOP
 
-        serverDone: defer.Deferred = defer.Deferred()
-        port, flowClosed = self.proxyTo(
-            lambda: CountingServer(serverDone),
-            [("release", RecordingFunction(verdicts={"clientHalfClosed": release}))],
-            Limits(maxBuffer=4096),
+        port, flowClosed, serverDone = self.proxyToCounting(
+            "clientHalfClosed", release, Limits(maxBuffer=4096)
         )
         clientLost: defer.Deferred = defer.Deferred()
         client = HalfClosingClient(clientLost)
@@ -530,12 +546,8 @@ class RealSocketTests(unittest.TestCase):
             flow.halfCloseToServer()
             return STOP
 
-        serverDone: defer.Deferred = defer.Deferred()
-        port, flowClosed = self.proxyTo(
-            lambda: CountingServer(serverDone),
-            [("fin", RecordingFunction(verdicts={"outgoingConnected": finNow}))],
-            Limits(),
-            ConnectMode.FIRST_DATA,
+        port, flowClosed, serverDone = self.proxyToCounting(
+            "outgoingConnected", finNow, Limits(), ConnectMode.FIRST_DATA
         )
 
         @implementer(IHalfCloseableProtocol)
