@@ -320,10 +320,14 @@ class _TunedClient(tcp.Client):
                 result = skt.connect_ex(self.addr)
             except OSError as e:
                 result = e.args[0]
-            target = self.connector._target
+            connector = self.connector
+            target = connector._target
             if result in _CONNECTING and target is not None:
                 self._commonConnection.__init__(self, skt, None, reactor)
                 self.realAddress = target.realAddress
+                # The connector's timeout waits for doConnect to find the
+                # handshake still under way (see _TunedConnector.connect).
+                connector._timeoutLater = True
                 reactor.callLater(0, self.doConnect)
                 return
             if result not in _CONNECT_UNDER_WAY:
@@ -360,6 +364,7 @@ class _TunedClient(tcp.Client):
         if result in _CONNECTING:
             self.startReading()
             self.startWriting()
+            self.connector.startTimeout()
             return
         if result not in _CONNECT_UNDER_WAY:
             self.failIfNotConnected(error.getConnectError((result, os.strerror(result))))
@@ -419,6 +424,46 @@ class _TunedConnector(tcp.Connector):
         if target.clientClass is _TunedClient6:
             self._addressType = address.IPv6Address
         base.BaseConnector.__init__(self, factory, endpoint._timeout, endpoint._reactor)
+
+    #: Whether the timeout is left to L{startTimeout}.
+    _timeoutLater = False
+
+    def connect(self) -> None:
+        """
+        Start connecting, as L{base.BaseConnector.connect} does, except
+        for the timeout of a connection whose transport calls its first
+        C{doConnect} itself (see L{_TunedClient._finishInit}): that delayed
+        call is only made if the handshake is still under way then
+        (L{startTimeout}), for the time left.  On loopback, and to any next
+        hop that answers within a reactor iteration, a connection then
+        makes and cancels no delayed call of 30 seconds, which would stay
+        in the reactor's heap of delayed calls until it is cleaned out.
+        """
+        if self.state != "disconnected":
+            raise RuntimeError("can't connect in this state")
+        self.state = "connecting"
+        if not self.factoryStarted:
+            self.factory.doStart()
+            self.factoryStarted = 1
+        self._started = self.reactor.seconds()
+        transport = self.transport = self._makeTransport()
+        if self.timeout is not None and not self._timeoutLater:
+            self.timeoutID = self.reactor.callLater(
+                self.timeout, transport.failIfNotConnected, error.TimeoutError()
+            )
+        self.factory.startedConnecting(self)
+
+    def startTimeout(self) -> None:
+        """
+        The handshake is still under way: fail the attempt if it is not
+        over C{timeout} seconds after it started.
+        """
+        if self.timeout is None or self.timeoutID is not None or self.state != "connecting":
+            return
+        left = max(0.0, self._started + self.timeout - self.reactor.seconds())
+        self.timeoutID = self.reactor.callLater(
+            left, self.transport.failIfNotConnected, error.TimeoutError()
+        )
 
     def _makeTransport(self) -> tcp.Client:
         target = self._target

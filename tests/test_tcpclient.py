@@ -61,6 +61,17 @@ class Collector(Protocol):
         self.done.pop(0).callback(self.data)
 
 
+def timeouts(reactor: Any) -> list[Any]:
+    """
+    The pending connect timeouts among C{reactor}'s delayed calls.
+    """
+    return [
+        call
+        for call in reactor.getDelayedCalls()
+        if getattr(call.func, "__name__", None) == "failIfNotConnected"
+    ]
+
+
 class TunedEndpointTests(unittest.TestCase):
     """
     The endpoint connects like Twisted's, with the options set first.
@@ -155,7 +166,12 @@ class TunedEndpointTests(unittest.TestCase):
         # Writes nothing when connected (a write would wait to be writable).
         sender = Sender(b"")
         endpoint = TunedTCPClientEndpoint(self.reactor, "127.0.0.1", self.number, timeout=5)
-        protocol = yield endpoint.connect(Factory.forProtocol(lambda: sender))
+        d = endpoint.connect(Factory.forProtocol(lambda: sender))
+        # No timeout is set for a handshake that may be over by the next
+        # iteration.
+        self.assertEqual(timeouts(self.reactor), [])
+        protocol = yield d
+        self.assertEqual(timeouts(self.reactor), [])
         self.assertIs(protocol, sender)
         self.assertEqual(resolved, [])
         transport = sender.transport
@@ -192,6 +208,7 @@ class TunedEndpointTests(unittest.TestCase):
             self.reactor, "127.0.0.1", listener.getsockname()[1], timeout=10,
             onSocket=transports.append,
         )
+        started = self.reactor.seconds()
         d = endpoint.connect(Factory.forProtocol(lambda: sender))
         self.addCleanup(lambda: d.called or d.cancel())
         writers = self.reactor.getWriters
@@ -200,11 +217,15 @@ class TunedEndpointTests(unittest.TestCase):
             "the transport waiting for its handshake",
         )
         self.assertEqual(made, [])
+        # The timeout counts from the connect.
+        [timeout] = timeouts(self.reactor)
+        self.assertLess(abs(timeout.getTime() - (started + 10)), 0.5)
         [transport] = [w for w in writers() if getattr(w, "socket", None) is transports[0]]
         self.assertIn(transport, self.reactor.getReaders())
         listener.accept()[0].close()
         protocol = yield d
         self.assertIs(protocol, sender)
+        self.assertEqual(timeouts(self.reactor), [])
         self.assertIs(sender.transport, transport)
         self.assertIn(transport, self.reactor.getReaders())
         self.assertNotIn(transport, writers())
