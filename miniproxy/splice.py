@@ -483,17 +483,14 @@ class _Direction:
             source's connection broke) or C{_REFUSED} (the kernel refused
             to splice: the flow relays in userspace now).
         """
-        readEnd, writeEnd = self._pipe  # type: ignore[misc]
+        writeEnd = self._pipe[1]  # type: ignore[index]
         sourceFd = self._sourceFd
-        sinkFd = self._sinkFd
         bound = self.bound
-        flags = SPLICE_FLAGS
-        call = splice
         moved = 0
         outcome: object = _BUDGET
         for _ in range(ROUNDS):
             try:
-                size = call(sourceFd, writeEnd, bound, flags=flags)  # type: ignore[misc]
+                size = splice(sourceFd, writeEnd, bound, flags=SPLICE_FLAGS)  # type: ignore[misc]
             except BlockingIOError:
                 outcome = _EMPTY
                 break
@@ -509,26 +506,9 @@ class _Direction:
                 outcome = _END
                 break
             moved += size
-            # Drain the pipe into the sink (as _drain does, inline: this is
-            # the hot path).
-            held = size
-            while held:
-                try:
-                    out = call(readEnd, sinkFd, held, flags=flags)  # type: ignore[misc]
-                except BlockingIOError:
-                    break
-                except OSError as e:
-                    self.held = held
-                    self._sinkFailed(e)
-                    held = self.held
-                    break
-                if not out:
-                    raise RuntimeError(f"{self!r}: the pipe is short of its bytes")
-                held -= out
-                self.spliced += out
-                stats.spliced += out
-            if held:
-                self.held = held
+            self.held = size
+            self._drain()
+            if self.held:
                 outcome = _SINK_FULL if self.attached else _REFUSED
                 break
             if not self.attached:
@@ -547,23 +527,20 @@ class _Direction:
             except BlockingIOError:
                 return
             except OSError as e:
-                self._sinkFailed(e)
+                if e.errno in UNSUPPORTED:
+                    turnOff(os.strerror(e.errno))
+                    # Read out of the pipe and written by the transport.
+                    self.relay.suspend()
+                    return
+                # The sink's connection is broken: its transport reports
+                # it from doWrite, as it would a failed send.
+                self.sinkError = main.CONNECTION_LOST
                 return
             if not size:
                 raise RuntimeError(f"{self!r}: the pipe is short of its bytes")
             self.held -= size
             self.spliced += size
             stats.spliced += size
-
-    def _sinkFailed(self, e: OSError) -> None:
-        if e.errno in UNSUPPORTED:
-            turnOff(os.strerror(e.errno))
-            # Read out of the pipe and written by the transport.
-            self.relay.suspend()
-            return
-        # The sink's connection is broken: its transport reports it from
-        # doWrite, as it would a failed send.
-        self.sinkError = main.CONNECTION_LOST
 
     def _waitForSink(self) -> None:
         self.source.pauseReading(PAUSED_SPLICE)
