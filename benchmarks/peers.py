@@ -490,6 +490,9 @@ def _miniproxy(mode: str, functions: Sequence[str] = (), listen: str | None = No
             "--mode",
             mode,
             *MINIPROXY_LIMITS,
+            # The access log's own file, written in batches, as in service.
+            "--access-log",
+            str(workdir / f"access-{listenPort}.log"),
         ]
         for name in functions:
             command += ["--function", name]

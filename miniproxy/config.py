@@ -51,6 +51,7 @@ _TOP_KEYS = {
     "workers",
     "stats-interval",
     "control",
+    "log",
 }
 _LISTENER_KEYS = {
     "endpoint",
@@ -90,6 +91,11 @@ class ServiceConfig:
         added at run time.
     @ivar to: The top-level next hop: the default of a listener added at
         run time.
+    @ivar accessLog: Where the access log goes: C{"service"} (the
+        service's log), C{"off"}, or a file's path (see
+        L{miniproxy.accesslog.accessLogFor}).
+    @ivar accessLogBuffer: For a file: bytes of lines kept before a write.
+    @ivar accessLogFlush: For a file: the most seconds a line waits.
     """
 
     listeners: tuple[ListenerSettings, ...]
@@ -100,6 +106,9 @@ class ServiceConfig:
     control: str | None = None
     mode: ConnectMode = ConnectMode.EARLY
     to: NextHop | None = None
+    accessLog: str = "service"
+    accessLogBuffer: int = 65536
+    accessLogFlush: float = 1.0
 
 
 def parseControl(value: object, key: str = "control.listen") -> str:
@@ -116,6 +125,32 @@ def parseControl(value: object, key: str = "control.listen") -> str:
     except ValueError as e:
         raise ConfigError(f"{key}: {e}") from None
     return value
+
+
+def parseLog(table: object, accessLog: str | None = None,
+             key: str = "log") -> tuple[str, int, float]:
+    """
+    Parse the C{[log]} table, with C{--access-log} on top.
+
+    @return: The access log's destination, buffer size and flush interval
+        (see L{ServiceConfig}).
+    """
+    keys = {"access", "access-buffer", "access-flush"}
+    if not isinstance(table, dict) or set(table) - keys:
+        raise ConfigError(
+            f"{key}: must be a table of {', '.join(sorted(keys))}, not {table!r}"
+        )
+    destination = accessLog if accessLog is not None else table.get("access", "service")
+    where = "access-log" if accessLog is not None else f"{key}.access"
+    if not isinstance(destination, str) or not destination:
+        raise ConfigError(
+            f"{where}: must be \"service\", \"off\" or a file's path, not {destination!r}"
+        )
+    buffer = parseNumber(table.get("access-buffer", 65536), f"{key}.access-buffer", int)
+    flush = parseNumber(table.get("access-flush", 1.0), f"{key}.access-flush", float)
+    if buffer < 0 or flush < 0:
+        raise ConfigError(f"{key}: access-buffer and access-flush must not be negative")
+    return destination, buffer, flush
 
 
 def parseMode(value: object, key: str = "mode") -> ConnectMode:
@@ -216,13 +251,15 @@ def buildConfig(
     workers: object = None,
     statsInterval: object = None,
     control: str | None = None,
+    accessLog: str | None = None,
 ) -> ServiceConfig:
     """
     Validate a parsed config document, with command-line values on top.
 
     Command-line values override the file's top-level values; C{--listen}
     replaces the file's listeners; C{--function} adds to the file's
-    functions; C{--control} replaces the file's C{[control] listen}.
+    functions; C{--control} replaces the file's C{[control] listen};
+    C{--access-log} replaces its C{[log] access}.
 
     @raise ConfigError: Naming the bad key (without the file; see
         L{loadConfig}).
@@ -266,6 +303,8 @@ def buildConfig(
         controlValue = parseControl(controlTable["listen"])
     else:
         controlValue = None
+
+    access, accessBuffer, accessFlush = parseLog(document.get("log", {}), accessLog)
 
     listeners: list[ListenerSettings] = []
     if listen:
@@ -317,6 +356,9 @@ def buildConfig(
         control=controlValue,
         mode=defaultMode,
         to=defaultTo,
+        accessLog=access,
+        accessLogBuffer=accessBuffer,
+        accessLogFlush=accessFlush,
     )
 
 

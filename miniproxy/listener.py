@@ -152,6 +152,8 @@ class ListenerContext:
     @ivar table: The service's open flows.
     @ivar onFlowClosed: Called with each flow once it is closed, after the
         access log line (for tests and metrics).
+    @ivar accessLog: Takes each closed flow and writes its access-log line
+        (see L{miniproxy.accesslog.accessLogFor}).
     @ivar early: The service's L{miniproxy.earlysyn.EarlySyns}, through
         which accepted legs claim the flows begun at their SYN, or L{None}.
     """
@@ -167,6 +169,7 @@ class ListenerContext:
         table: FlowTable,
         dialer: Dialer | None = None,
         onFlowClosed: Callable[[Any], None] | None = None,
+        accessLog: Callable[[Any], None] = logFlow,
     ) -> None:
         self.reactor = reactor
         self.settings = settings
@@ -185,6 +188,7 @@ class ListenerContext:
         )
         self.table = table
         self.onFlowClosed = onFlowClosed
+        self.accessLog = accessLog
 
     def prepareFlow(self, flow: Any, transport: Any) -> str | None:
         """
@@ -260,6 +264,6 @@ class ListenerContext:
         """
         A flow is closed: write its access log line.
         """
-        logFlow(flow)
+        self.accessLog(flow)
         if self.onFlowClosed is not None:
             self.onFlowClosed(flow)

@@ -13,9 +13,11 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, FirstError, fail, gatherResults, succeed
 from twisted.internet.error import CannotListenError
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from miniproxy.accesslog import accessLogFor
 from miniproxy.config import ServiceConfig
 from miniproxy.errors import ConfigError, FunctionError
 from miniproxy.flow import ConnectMode
@@ -393,6 +395,9 @@ class ProxyService(MultiService):
             functions if functions is not None else configureFunctions(config, reactor)
         )
         self.onFlowClosed = onFlowClosed
+        self.accessLog = accessLogFor(
+            config.accessLog, reactor, config.accessLogBuffer, config.accessLogFlush
+        )
         self._share = share
         self._early: EarlySyns | None = None
         self._optionEmitter: OptionEmitter | None = None
@@ -456,6 +461,7 @@ class ProxyService(MultiService):
             functions,
             self.table,
             onFlowClosed=self.onFlowClosed,
+            accessLog=self.accessLog,
         )
         if endpoint is None:
             endpoint = serverEndpoint(
@@ -565,11 +571,26 @@ class ProxyService(MultiService):
 
         return stopped.addCallback(done)
 
+    def _openAccessLog(self) -> None:
+        opener = getattr(self.accessLog, "open", None)
+        if opener is None:
+            return
+        try:
+            opener()
+        except OSError as e:
+            raise SystemExit(
+                f"miniproxy: cannot open the access log {self.config.accessLog}: "
+                f"{e.strerror}"
+            ) from None
+
     def privilegedStartService(self) -> None:
         """
-        Bind the listeners (twistd does this before dropping privileges).  A
-        listener that cannot listen stops twistd with one clear line.
+        Open the access log's file, if it has one, and bind the listeners
+        (twistd does this before dropping privileges).  A file that cannot
+        be opened, or a listener that cannot listen, stops twistd with one
+        clear line.
         """
+        self._openAccessLog()
         try:
             super().privilegedStartService()
         except CannotListenError as e:
@@ -586,6 +607,7 @@ class ProxyService(MultiService):
 
             if isinstance(self.reactor, PosixReactorBase):
                 tuneGarbageCollector()
+        self._openAccessLog()
         super().startService()
         for service in self.listeners:
             self._announce(service)
@@ -658,4 +680,17 @@ class ProxyService(MultiService):
                 flow.abort("service stopping")
             return result
 
-        return d.addBoth(closeFlows)
+        d.addBoth(closeFlows)
+        closer = getattr(self.accessLog, "close", None)
+        if closer is not None:
+            # The aborted flows end in the reactor's next turn: their lines
+            # are written before the file is closed.
+            def closeLog(result: object) -> Deferred:
+                def close() -> object:
+                    closer()
+                    return result
+
+                return deferLater(self.reactor, 0, close)
+
+            d.addBoth(closeLog)
+        return d

@@ -41,6 +41,8 @@ class Options(usage.Options):
         ["stats-interval", None, None, "With workers: seconds between group reports (60)."],
         ["control", None, None,
          "Listen for control commands (miniproxy-ctl) on this UNIX socket: unix:PATH."],
+        ["access-log", None, None,
+         "Access log: service (the service's log, default), off, or a file's path."],
     ]
     optFlags = [
         ["list-functions", None, "List the installed proxy functions and exit."],
@@ -100,6 +102,7 @@ class Options(usage.Options):
             workers=self["workers"],
             statsInterval=self["stats-interval"],
             control=self["control"],
+            accessLog=self["access-log"],
         )
         try:
             if self["config"]:

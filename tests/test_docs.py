@@ -395,6 +395,7 @@ REFERENCE_TABLES = {
     "`[limits]`": "limits",
     "`[[listeners]]`": "listeners",
     "`[control]`": "control",
+    "`[log]`": "log",
     "`[function.split-tcp]`": "function.split-tcp",
     "`[function.policy]`": "function.policy",
     "`[[function.policy.rules]]`": "function.policy.rules",
@@ -449,7 +450,7 @@ class ConfigurationTests(unittest.SynchronousTestCase):
             used |= flatKeys(document)
         # The table names themselves are documented by their headings.
         tables = {"limits", "listeners", "function", "function.split-tcp",
-                  "function.policy", "control"}
+                  "function.policy", "control", "log"}
         self.assertEqual(documented - used, set())
         self.assertEqual(used - documented - tables, set())
 
@@ -457,7 +458,7 @@ class ConfigurationTests(unittest.SynchronousTestCase):
         """
         The reference documents exactly the keys the config parser knows.
         """
-        tables = {"limits", "listeners", "function", "control"}
+        tables = {"limits", "listeners", "function", "control", "log"}
         self.assertEqual(
             self.documentedKeys("Top-level keys"), configModule._TOP_KEYS - tables
         )
