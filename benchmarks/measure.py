@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import os
 import socket
 import statistics
@@ -682,7 +683,12 @@ def controlAdd(bench: Bench, peer: Peer, runs: int = 20,
     sends one on accept, in ms; C{runs} runs, each listener removed after
     its run.  The figure to set beside a cold start of a new process.
 
-    @return: C{medianMs}, C{minMs}, C{maxMs} and every run (C{runsMs}).
+    When C{socat} is installed, each run is also done with it as the client
+    (the request line written to C{socat - UNIX-CONNECT:PATH}, which needs
+    no interpreter), alternating with the Python client.
+
+    @return: C{medianMs}, C{minMs}, C{maxMs} and every run (C{runsMs}) of
+        the Python client, and the same under C{socat} for socat's runs.
     """
     socketPath = bench.workdir / "control.sock"
     build = peer.build
@@ -691,37 +697,62 @@ def controlAdd(bench: Bench, peer: Peer, runs: int = 20,
         *build(listen, backend, workdir), "--control", f"unix:{socketPath}"])
     backend, backendPort = bench.backend(greet=1)
     env = peer.environment()
-    times = []
+    times: list[float] = []
+    socatTimes: list[float] = []
+    socat = shutil.which("socat")
 
     def ctl(*args: str) -> list[str]:
         return pinned([sys.executable, "-m", "miniproxy.ctl", "--socket", str(socketPath),
                        *args], PROXY_CPU)
+
+    def addWith(python: bool, name: str, process: Any) -> float:
+        port = freePort()
+        request = b""
+        if python:
+            command = ctl("add", "--listen", f"tcp:{port}:interface=127.0.0.1", "--to",
+                          f"tcp:host=127.0.0.1:port={backendPort}", "--name", name)
+        else:
+            assert socat is not None
+            command = pinned([socat, "-", f"UNIX-CONNECT:{socketPath}"], PROXY_CPU)
+            request = json.dumps({
+                "command": "add", "name": name,
+                "listener": {"endpoint": f"tcp:{port}:interface=127.0.0.1",
+                             "to": f"tcp:host=127.0.0.1:port={backendPort}"},
+            }).encode() + b"\n"
+        started = time.perf_counter()
+        client = subprocess.Popen(command, env=env, stdin=subprocess.PIPE,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            if request:
+                client.stdin.write(request)  # type: ignore[union-attr]
+                client.stdin.flush()  # type: ignore[union-attr]
+            took = (_firstByte(port, started + timeout, process) - started) * 1000
+            out, error = client.communicate(timeout=timeout)
+        finally:
+            if client.poll() is None:
+                client.kill()
+                client.wait()
+        if client.returncode != 0 or (
+                not python and not json.loads(out.splitlines()[0]).get("ok")):
+            raise RuntimeError(f"control add failed: {(out + error).decode()}")
+        subprocess.run(ctl("remove", name), env=env, check=True,
+                       capture_output=True, timeout=timeout)
+        return took
 
     try:
         with bench.peer(controlled, backendPort):
             process = bench.peerProcess()
             assert process is not None
             for i in range(runs):
-                port = freePort()
-                started = time.perf_counter()
-                client = subprocess.Popen(
-                    ctl("add", "--listen", f"tcp:{port}:interface=127.0.0.1", "--to",
-                        f"tcp:host=127.0.0.1:port={backendPort}", "--name", f"bench-{i}"),
-                    env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-                try:
-                    times.append((_firstByte(port, started + timeout, process) - started) * 1000)
-                    _, error = client.communicate(timeout=timeout)
-                finally:
-                    if client.poll() is None:
-                        client.kill()
-                        client.wait()
-                if client.returncode != 0:
-                    raise RuntimeError(f"miniproxy.ctl add failed: {error.decode()}")
-                subprocess.run(ctl("remove", f"bench-{i}"), env=env, check=True,
-                               capture_output=True, timeout=timeout)
+                times.append(addWith(True, f"bench-{i}", process))
+                if socat is not None:
+                    socatTimes.append(addWith(False, f"bench-socat-{i}", process))
     finally:
         bench.stop(backend)
-    return spread(times)
+    result = spread(times)
+    if socatTimes:
+        result["socat"] = spread(socatTimes)
+    return result
 
 
 def pythonMemory(bench: Bench, pairs: int = 1000) -> dict[str, Any]:

@@ -331,7 +331,13 @@ def markdown(results: dict[str, Any], heading: str = "##") -> str:
             f"`twistd miniproxy --control`): first byte relayed "
             f"{_fmt(controlled['medianMs'], 1)} ms after the exec of the client (median; "
             f"min {_fmt(controlled['minMs'], 1)}, max {_fmt(controlled['maxMs'], 1)}); "
-            f"a cold start of a new process: {_fmt(_get(mine, 'coldStart', 'medianMs'), 1)} ms"
+            + (f"with `socat - UNIX-CONNECT:` as the client, "
+               f"{_fmt(controlled['socat']['medianMs'], 1)} ms (min "
+               f"{_fmt(controlled['socat']['minMs'], 1)}, max "
+               f"{_fmt(controlled['socat']['maxMs'], 1)}); "
+               if isinstance(controlled.get("socat"), dict) else "")
+            + f"a cold start of a new process: "
+            f"{_fmt(_get(mine, 'coldStart', 'medianMs'), 1)} ms"
         )
     elif isinstance(controlled, dict):
         lines.append(f"- New listener from outside: {controlled.get('error')}")

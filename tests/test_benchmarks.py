@@ -214,6 +214,8 @@ class SmokeTests(unittest.TestCase):
                              TINY.listenerRuns)
         self.assertEqual(len(mine["controlAdd"]["runsMs"]), TINY.listenerRuns)
         self.assertGreater(mine["controlAdd"]["medianMs"], 0)
+        if shutil.which("socat"):
+            self.assertEqual(len(mine["controlAdd"]["socat"]["runsMs"]), TINY.listenerRuns)
         self.assertEqual(mine["hookMicro"]["flows"], TINY.hookFlows)
         self.assertEqual(mine["pythonMemory"]["flowsHeld"], TINY.idlePairs)
         self.assertIn("miniproxy.tap", mine["startupImports"]["importTimeMs"])
