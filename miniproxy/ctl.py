@@ -53,6 +53,11 @@ class ControlError(Exception):
     """
 
 
+#: The longest path a UNIX socket's address holds (Linux's C{sun_path},
+#: without its terminating NUL).
+MAX_SOCKET_PATH = 107
+
+
 def socketPath(description: str) -> str:
     """
     The file of a control socket endpoint: C{unix:PATH} or
@@ -60,7 +65,8 @@ def socketPath(description: str) -> str:
     control socket's mode and lock file are fixed).
 
     @raise ValueError: For anything else (a TCP endpoint included: the
-        control socket is never on the network).
+        control socket is never on the network), and for a path longer
+        than a UNIX socket's address can hold.
     """
     kind, _, rest = description.partition(":")
     if kind != "unix":
@@ -75,7 +81,14 @@ def socketPath(description: str) -> str:
         raise ValueError(
             f"must be unix:/path/to/socket with no other parameter, not {description!r}"
         )
-    return path.replace("\0", ":")
+    path = path.replace("\0", ":")
+    size = len(os.fsencode(path))
+    if size > MAX_SOCKET_PATH:
+        raise ValueError(
+            f"the socket's path is too long for a UNIX socket ({size} bytes, at most "
+            f"{MAX_SOCKET_PATH}): {path!r}"
+        )
+    return path
 
 
 def encode(message: dict[str, Any]) -> bytes:

@@ -10,9 +10,11 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import socket
 import stat
 import sys
+import tempfile
 from typing import Any
 
 from hypothesis import given
@@ -524,6 +526,15 @@ class ServerTests(unittest.TestCase):
         self.assertEqual(ctl.socketPath("unix:/run/m.sock"), "/run/m.sock")
         self.assertEqual(ctl.socketPath("unix:address=/run/m.sock"), "/run/m.sock")
         self.assertEqual(ctl.socketPath("unix:/run/a\\:b"), "/run/a:b")
+        longest = "/" + "s" * (ctl.MAX_SOCKET_PATH - 1)
+        self.assertEqual(ctl.socketPath(f"unix:{longest}"), longest)
+        with self.assertRaises(ValueError) as caught:
+            ctl.socketPath(f"unix:{longest}s")
+        self.assertIn("too long for a UNIX socket (108 bytes, at most 107)",
+                      str(caught.exception))
+        e = self.assertRaises(ConfigError, buildConfig,
+                              {"control": {"listen": f"unix:{longest}s"}})
+        self.assertIn("control.listen: the socket's path is too long", str(e))
 
 
 class ConfigTests(unittest.TestCase):
@@ -674,21 +685,25 @@ class EndToEndTests(test_twistd.TwistdTestCase):
 
     def setUp(self) -> None:
         super().setUp()
-        self.path = os.path.join(self.workdir, "control.sock")
+        # A UNIX socket's path has at most 107 bytes: the test's own
+        # directory, under the checkout's _trial_temp, can be longer.
+        short = tempfile.mkdtemp(prefix="mpctl-")
+        self.addCleanup(shutil.rmtree, short, True)
+        self.path = os.path.join(short, "control.sock")
         backend = Factory.forProtocol(_Greeter)
         self.backend = self.reactor.listenTCP(0, backend, interface="127.0.0.1")
         self.addCleanup(self.backend.stopListening)
         self.service = makeService(self.reactor)
         control.ControlServer(self.service, f"unix:{self.path}",
                               self.reactor).setServiceParent(self.service)
+        self.addCleanup(self.stopService)
         self.service.privilegedStartService()
         self.service.startService()
-        self.addCleanup(self.stopService)
 
     def stopService(self) -> Any:
-        if self.service.running:
-            return self.service.stopService()
-        return None
+        # Stopping listeners bound by privilegedStartService also when
+        # startService never ran.
+        return self.service.stopService()
 
     @defer.inlineCallbacks
     def ctl(self, *argv: str, path: str | None = None) -> Any:
