@@ -11,6 +11,7 @@ import time
 from twisted.trial import unittest
 
 from miniproxy.address import HostPort
+from miniproxy.testbed import capture
 from miniproxy.testbed.capture import (
     ETH_P_IP,
     CapturedPacket,
@@ -53,6 +54,40 @@ class CapturedPacketTests(unittest.TestCase):
         self.assertRaises(ValueError, capture.read)
         capture.stop()
         self.assertIn("lo", repr(capture))
+
+
+class ArrivalTimestampTests(unittest.TestCase):
+    """
+    L{capture.awaitArrivalTimestamps} returns once the kernel stamps
+    packets as they arrive.
+    """
+
+    def test_on(self) -> None:
+        """
+        Afterwards, while a socket asks for timestamps, a datagram carries
+        a time from before it was read.
+        """
+        receiver = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.addCleanup(receiver.close)
+        receiver.setsockopt(socket.SOL_SOCKET, capture.SO_TIMESTAMPNS, 1)
+        receiver.bind(("127.0.0.1", 0))
+        receiver.settimeout(WAIT)
+        capture.awaitArrivalTimestamps()
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sender:
+            sender.sendto(b"x", receiver.getsockname())
+        before = time.time_ns()
+        _, ancillary, _, _ = receiver.recvmsg(1, socket.CMSG_SPACE(16))
+        self.assertLess(0, capture._stampOf(ancillary))
+        self.assertLess(capture._stampOf(ancillary), before)
+
+    def test_neverOn(self) -> None:
+        """
+        When no datagram is stamped before it is read (here: the clock
+        says every read comes first), it gives up after its timeout.
+        """
+        self.patch(capture.time, "time_ns", lambda: 0)
+        error = self.assertRaises(RuntimeError, capture.awaitArrivalTimestamps, 0.01)
+        self.assertIn("within 0.01 s", str(error))
 
 
 class CaptureTests(unittest.TestCase):

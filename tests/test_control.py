@@ -774,7 +774,7 @@ class EndToEndTests(test_twistd.TwistdTestCase):
         that is gone) is replaced by a new service's.
         """
         yield self.service.stopService()
-        stale = os.path.join(self.workdir, "stale.sock")
+        stale = os.path.join(os.path.dirname(self.path), "stale.sock")
         left = socket.socket(socket.AF_UNIX)
         left.bind(stale)
         left.close()

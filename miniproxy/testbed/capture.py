@@ -27,8 +27,10 @@ It needs C{CAP_NET_RAW}.
 
 from __future__ import annotations
 
+import select
 import socket
 import struct
+import time
 from typing import Iterable, Sequence
 
 from attrs import frozen
@@ -53,6 +55,49 @@ SO_RCVBUFFORCE = 33
 PACKET_OUTGOING = 4
 
 _TIMESPEC = struct.Struct("@qq")
+
+
+def _stampOf(ancillary: Iterable[tuple[int, int, bytes]]) -> int:
+    # The SO_TIMESTAMPNS time of a received message, in ns (0: none).
+    for level, kind, value in ancillary:
+        if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS:
+            seconds, nanoseconds = _TIMESPEC.unpack(value[: _TIMESPEC.size])
+            return seconds * 1_000_000_000 + nanoseconds
+    return 0
+
+
+def awaitArrivalTimestamps(timeout: float = 5.0) -> None:
+    """
+    Return once the kernel timestamps packets when they arrive.
+
+    The first socket of a system that asks for receive timestamps turns the
+    kernel's timestamping on only from a work queue, a moment later; until
+    then a packet carries no time, and C{recvmsg} reports the time it was
+    read instead.  There is no notification, so this sends datagrams to
+    itself over loopback until one is stamped before it was read, letting
+    the work queue run (a 1 ms wait) between tries.  Once on, it stays on
+    while any socket asks for timestamps (a capture does).
+
+    @raise RuntimeError: If it is not on after C{timeout} seconds.
+    """
+    space = socket.CMSG_SPACE(_TIMESPEC.size)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as receiver, \
+            socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sender:
+        receiver.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+        receiver.bind(("127.0.0.1", 0))
+        receiver.settimeout(timeout)
+        deadline = time.monotonic() + timeout
+        while True:
+            sender.sendto(b"t", receiver.getsockname())
+            before = time.time_ns()
+            _, ancillary, _, _ = receiver.recvmsg(1, space)
+            if 0 < _stampOf(ancillary) < before:
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"the kernel did not timestamp arriving packets within {timeout} s"
+                )
+            select.select([], [], [], 0.001)
 
 
 #: Where classic BPF loads the packet's ethertype from (C{SKF_AD_OFF +
@@ -143,7 +188,8 @@ class PacketCapture:
 
     def start(self) -> PacketCapture:
         """
-        Open the socket and start capturing.
+        Open the socket and start capturing, once the kernel timestamps
+        arriving packets (L{awaitArrivalTimestamps}).
 
         @return: C{self}.
         @raise OSError: Without C{CAP_NET_RAW}, or if the interface does not
@@ -171,6 +217,9 @@ class PacketCapture:
             sock.close()
             raise
         self._sock = sock
+        # Its packets carry the times they arrived only once the kernel's
+        # timestamping is on.
+        awaitArrivalTimestamps()
         return self
 
     @property
@@ -194,11 +243,7 @@ class PacketCapture:
                 data, ancillary, _flags, address = sock.recvmsg(65535, space)
             except BlockingIOError:
                 break
-            stamp = 0
-            for level, kind, value in ancillary:
-                if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS:
-                    seconds, nanoseconds = _TIMESPEC.unpack(value[: _TIMESPEC.size])
-                    stamp = seconds * 1_000_000_000 + nanoseconds
+            stamp = _stampOf(ancillary)
             # address: (interface, ethertype, packet type, hardware type, address)
             packets.append(
                 CapturedPacket(stamp, address[2] == PACKET_OUTGOING, address[1], data)
