@@ -32,6 +32,7 @@ import json
 import os
 import socket
 import sys
+import time
 from typing import IO, Any, Sequence
 
 #: The longest request or reply line, in bytes (without its newline): a
@@ -98,18 +99,43 @@ def encode(message: dict[str, Any]) -> bytes:
     return json.dumps(message, separators=(",", ":")).encode("utf-8") + b"\n"
 
 
-def request(path: str, message: dict[str, Any], timeout: float = 10.0) -> dict[str, Any]:
+#: How often L{request} tries again to reach a service that is not
+#: listening yet, in seconds.
+RETRY_INTERVAL = 0.05
+
+# How the client waits between two tries (replaced by tests).
+_pause = time.sleep
+
+
+def _connect(sock: socket.socket, path: str, wait: float) -> None:
+    # Connect, trying again while no service listens at path, for up to
+    # wait seconds (a service just started takes a moment to listen).
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            sock.connect(path)
+            return
+        except (FileNotFoundError, ConnectionRefusedError):
+            if time.monotonic() >= deadline:
+                raise
+            _pause(RETRY_INTERVAL)
+
+
+def request(path: str, message: dict[str, Any], timeout: float = 10.0,
+            wait: float = 0.0) -> dict[str, Any]:
     """
     Send one request to the control socket at C{path} and read its reply.
 
+    @param wait: Seconds to keep trying while no service listens at
+        C{path} yet (its file does not exist, or nothing accepts on it).
     @return: The reply object.
-    @raise ControlError: If the socket cannot be reached, or the reply is
-        not a line of JSON within C{timeout} seconds.
+    @raise ControlError: If the socket cannot be reached (within C{wait}),
+        or the reply is not a line of JSON within C{timeout} seconds.
     """
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout)
         try:
-            sock.connect(path)
+            _connect(sock, path, wait)
             sock.sendall(encode(message))
             received = bytearray()
             while b"\n" not in received and len(received) <= MAX_LINE:
@@ -141,6 +167,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--timeout", type=float, default=10.0,
                         help="seconds to wait for the reply (10)")
+    parser.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
+                        help="keep trying this long while no service listens on the "
+                        "socket yet, e.g. right after starting it (0)")
     parser.add_argument("--json", action="store_true",
                         help="print the service's reply as it is (one line of JSON)")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -254,7 +283,7 @@ def main(argv: Sequence[str] | None = None, stdout: IO[str] | None = None,
         return 2
     try:
         message = buildRequest(arguments)
-        reply = request(arguments.socket, message, arguments.timeout)
+        reply = request(arguments.socket, message, arguments.timeout, arguments.wait)
     except (ValueError, ControlError) as e:
         stderr.write(f"{PROGRAM}: {e}\n")
         return 2

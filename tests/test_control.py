@@ -15,6 +15,7 @@ import socket
 import stat
 import sys
 import tempfile
+import threading
 from typing import Any
 
 from hypothesis import given
@@ -649,6 +650,68 @@ class ClientTests(unittest.TestCase):
             self.assertEqual(ctl.main(argv, io.StringIO(), stderr), 2)
             self.assertEqual(len(stderr.getvalue().splitlines()), 1)
             self.assertTrue(stderr.getvalue().startswith("miniproxy-ctl: "))
+
+
+    def test_waitForService(self) -> None:
+        """
+        With C{--wait}, the client tries again while no service listens at
+        the socket yet, and gets its reply once one does.
+        """
+        directory = tempfile.mkdtemp(prefix="mpctl-")
+        self.addCleanup(shutil.rmtree, directory, True)
+        path = os.path.join(directory, "c.sock")
+        pauses: list[float] = []
+        served: list[bytes] = []
+
+        def serve(listener: socket.socket) -> None:
+            connection, _ = listener.accept()
+            with connection, listener:
+                served.append(connection.recv(1024))
+                connection.sendall(ctl.encode({"ok": True, "listeners": []}))
+
+        def startService(seconds: float) -> None:
+            # The client's first pause: only now does a service listen.
+            pauses.append(seconds)
+            if len(pauses) == 1:
+                listener = socket.socket(socket.AF_UNIX)
+                listener.bind(path)
+                listener.listen(1)
+                thread = threading.Thread(target=serve, args=(listener,))
+                thread.start()
+                self.addCleanup(thread.join, 10)
+
+        self.patch(ctl, "_pause", startService)
+        stdout = io.StringIO()
+        self.assertEqual(ctl.main(["--socket", path, "--wait", "30", "list"], stdout,
+                                  io.StringIO()), 0)
+        self.assertEqual(pauses, [ctl.RETRY_INTERVAL])
+        self.assertEqual(served, [b'{"command":"list"}\n'])
+        self.assertEqual(stdout.getvalue().split(), ["NAME", "LISTENING", "FLOWS", "ENDPOINT"])
+
+    def test_waitGivesUp(self) -> None:
+        """
+        With C{--wait}, a service that never listens is an error (status 2)
+        once the time is up; without it, the client does not try again.
+        """
+        missing = os.path.abspath(self.mktemp())
+        pauses: list[float] = []
+        clock = [0.0]
+
+        def pause(seconds: float) -> None:
+            pauses.append(seconds)
+            clock[0] += seconds
+
+        self.patch(ctl, "_pause", pause)
+        self.patch(ctl.time, "monotonic", lambda: clock[0])
+        stderr = io.StringIO()
+        self.assertEqual(ctl.main(["--socket", missing, "--wait", "1", "list"],
+                                  io.StringIO(), stderr), 2)
+        self.assertEqual(len(pauses), round(1 / ctl.RETRY_INTERVAL))
+        self.assertIn("No such file or directory", stderr.getvalue())
+        del pauses[:]
+        self.assertEqual(ctl.main(["--socket", missing, "list"], io.StringIO(),
+                                  io.StringIO()), 2)
+        self.assertEqual(pauses, [])
 
 
 class _Greeter(Protocol):
