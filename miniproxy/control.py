@@ -257,11 +257,19 @@ class ControlProtocol(Protocol):
         self._ended = False
 
     def connectionMade(self) -> None:
+        """
+        Check the peer's credentials: one that may not use the socket gets
+        one error line and the close.
+        """
         refusal = self.factory.refusal(self.transport)
         if refusal is not None:
             self._close(refusal)
 
     def dataReceived(self, data: bytes) -> None:
+        """
+        Take request bytes; each whole line is one request, answered in
+        order.
+        """
         if self._closing:
             return
         self._buffer += data
@@ -315,6 +323,9 @@ class ControlProtocol(Protocol):
         """
 
     def connectionLost(self, reason: Failure) -> None:
+        """
+        Forget the connection; a reply still being made is dropped.
+        """
         self._closing = True
         self._buffer = b""
         self.factory.connections.discard(self)
@@ -344,6 +355,9 @@ class ControlFactory(Factory):
         self.connections: set[ControlProtocol] = set()
 
     def buildProtocol(self, addr: Any) -> ControlProtocol:
+        """
+        A protocol for one control connection, kept until it is lost.
+        """
         protocol = super().buildProtocol(addr)
         self.connections.add(protocol)
         return protocol
@@ -407,6 +421,10 @@ class ControlServer(Service):
         _log.info("miniproxy control socket on {path}", path=self.path)
 
     def startService(self) -> None:
+        """
+        Listen on the control socket, if L{privilegedStartService} has not
+        already.
+        """
         super().startService()
         self.privilegedStartService()
 

@@ -95,6 +95,9 @@ class _Target:
         self.ports = ports
 
     def matches(self, destination: HostPort) -> bool:
+        """
+        Whether a SYN to C{destination} is for this listener.
+        """
         if destination.port not in self.ports:
             return False
         return self.address is None or self.address == _canonical(destination.host)

@@ -385,6 +385,10 @@ class _TunedClient(tcp.Client):
             self.connector = _ATTEMPT_OVER
 
     def createInternetSocket(self) -> socket.socket:
+        """
+        The connection's socket, with the endpoint's options set before it
+        connects.
+        """
         # tcp.Client creates its socket in __init__, once it has its
         # connector.
         sock = super().createInternetSocket()
