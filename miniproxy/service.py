@@ -538,7 +538,9 @@ class ProxyService(MultiService):
 
         @raise KeyError: If there is no such listener.
         """
-        context = self.listenerNamed(name).listenerContext  # type: ignore[attr-defined]
+        return self._flowsOf(self.listenerNamed(name).listenerContext)  # type: ignore[attr-defined]
+
+    def _flowsOf(self, context: ListenerContext) -> list[Any]:
         return [flow for flow in self.table.flows if flow._context is context]
 
     def removeListener(self, name: str, closeFlows: bool = False) -> Deferred:
@@ -562,7 +564,7 @@ class ProxyService(MultiService):
             stopped = succeed(None)
 
         def done(_: object) -> int:
-            flows = [flow for flow in self.table.flows if flow._context is context]
+            flows = self._flowsOf(context)
             if not closeFlows:
                 return len(flows)
             for flow in flows:
