@@ -111,6 +111,11 @@ def discardFlow(flow: Any) -> None:
 SERVICE = "service"
 OFF = "off"
 
+#: An access log file's defaults: the bytes of lines kept before a write,
+#: and the most seconds a line waits.
+BUFFER_SIZE = 65536
+FLUSH_INTERVAL = 1.0
+
 
 class AccessLogFile:
     """
@@ -135,8 +140,8 @@ class AccessLogFile:
     @ivar lost: The lines dropped by failed writes.
     """
 
-    def __init__(self, path: str, reactor: Any, bufferSize: int = 65536,
-                 flushInterval: float = 1.0) -> None:
+    def __init__(self, path: str, reactor: Any, bufferSize: int = BUFFER_SIZE,
+                 flushInterval: float = FLUSH_INTERVAL) -> None:
         """
         @param path: The file (created if missing, with mode 0640), opened
             by L{open}.
@@ -254,14 +259,14 @@ class AccessLogFile:
         return self._fd
 
 
-def accessLogFor(destination: str, reactor: Any, bufferSize: int = 65536,
-                 flushInterval: float = 1.0) -> Callable[[Any], None]:
+def accessLogFor(destination: str, reactor: Any, bufferSize: int = BUFFER_SIZE,
+                 flushInterval: float = FLUSH_INTERVAL) -> Callable[[Any], None]:
     """
     The access log of a service: what takes each closed flow.
 
     @param destination: L{SERVICE} (the service's log, L{logFlow}), L{OFF}
-        (L{discardFlow}) or a file's path (an L{AccessLogFile}).
-    @raise OSError: If the file cannot be opened.
+        (L{discardFlow}) or a file's path (an L{AccessLogFile}, not opened
+        yet: see L{AccessLogFile.open}).
     """
     if destination == SERVICE:
         return logFlow

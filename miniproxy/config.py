@@ -14,6 +14,7 @@ from typing import Any, Mapping
 
 from attrs import evolve, field, frozen
 
+from miniproxy import accesslog
 from miniproxy.address import NextHop
 from miniproxy.errors import ConfigError
 from miniproxy.flow import ConnectMode
@@ -106,9 +107,9 @@ class ServiceConfig:
     control: str | None = None
     mode: ConnectMode = ConnectMode.EARLY
     to: NextHop | None = None
-    accessLog: str = "service"
-    accessLogBuffer: int = 65536
-    accessLogFlush: float = 1.0
+    accessLog: str = accesslog.SERVICE
+    accessLogBuffer: int = accesslog.BUFFER_SIZE
+    accessLogFlush: float = accesslog.FLUSH_INTERVAL
 
 
 def parseControl(value: object, key: str = "control.listen") -> str:
@@ -140,14 +141,18 @@ def parseLog(table: object, accessLog: str | None = None,
         raise ConfigError(
             f"{key}: must be a table of {', '.join(sorted(keys))}, not {table!r}"
         )
-    destination = accessLog if accessLog is not None else table.get("access", "service")
+    destination = accessLog if accessLog is not None else table.get("access", accesslog.SERVICE)
     where = "access-log" if accessLog is not None else f"{key}.access"
     if not isinstance(destination, str) or not destination:
         raise ConfigError(
             f"{where}: must be \"service\", \"off\" or a file's path, not {destination!r}"
         )
-    buffer = parseNumber(table.get("access-buffer", 65536), f"{key}.access-buffer", int)
-    flush = parseNumber(table.get("access-flush", 1.0), f"{key}.access-flush", float)
+    buffer = parseNumber(
+        table.get("access-buffer", accesslog.BUFFER_SIZE), f"{key}.access-buffer", int
+    )
+    flush = parseNumber(
+        table.get("access-flush", accesslog.FLUSH_INTERVAL), f"{key}.access-flush", float
+    )
     if buffer < 0 or flush < 0:
         raise ConfigError(f"{key}: access-buffer and access-flush must not be negative")
     return destination, buffer, flush
