@@ -308,9 +308,7 @@ class _Direction:
             self._unsentBefore = sink.socket.getsockopt(
                 socket.IPPROTO_TCP, TCP_NOTSENT_LOWAT
             )
-            sink.socket.setsockopt(
-                socket.IPPROTO_TCP, TCP_NOTSENT_LOWAT, self.unsentBound
-            )
+            sink.socket.setsockopt(socket.IPPROTO_TCP, TCP_NOTSENT_LOWAT, self.bound)
         except OSError:
             self._unsentBefore = None
 
@@ -334,14 +332,6 @@ class _Direction:
                 sink.socket.setsockopt(socket.IPPROTO_TCP, TCP_NOTSENT_LOWAT, unsent)
             except OSError:
                 pass
-
-    @property
-    def unsentBound(self) -> int:
-        """
-        The most bytes the sink's socket holds unsent while this direction
-        is spliced (its C{TCP_NOTSENT_LOWAT}): the bound.
-        """
-        return self.bound
 
     def closePipe(self) -> None:
         """
