@@ -69,9 +69,18 @@ class AccessLogForTests(unittest.TestCase):
 
     def test_discard(self) -> None:
         """
-        L{discardFlow} takes a flow and writes nothing.
+        L{discardFlow} takes a flow and writes nothing, where L{logFlow}
+        emits one access-log event.
         """
-        self.assertIsNone(discardFlow(closedFlow()))
+        from tests.support import LogCapture
+
+        # The harness logs its flows' lines itself: capture only afterwards.
+        flow = closedFlow()
+        logs = LogCapture(self)
+        discardFlow(flow)
+        self.assertEqual(logs.matching("miniproxy.access"), [])
+        logFlow(flow)
+        self.assertEqual(len(logs.matching("miniproxy.access")), 1)
 
 
 class AccessLogFileTests(unittest.TestCase):
